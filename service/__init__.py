@@ -1,0 +1,5 @@
+"""rag-api-core: an aiohttp front door for APIM subscription keys and Entra ID tokens."""
+
+__all__ = ("__version__",)
+
+__version__ = "0.1.0"

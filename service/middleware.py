@@ -1,0 +1,152 @@
+"""The aiohttp middleware: request ids, the validator chain, and error rendering."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from validators import (
+    AuthContext,
+    AuthError,
+    Identity,
+    Subscription,
+    TokenClaimInvalid,
+    TokenInvalid,
+    VerifiedToken,
+)
+from validators.roles import token_roles, token_scopes
+
+from .appkeys import AUTH_REJECTION, CHAIN, IDENTITY, REQUEST_ID, SETTINGS, TOKEN_CACHE
+from .log import app_logger, auth_logger
+from .policy import policy_of
+from .responses import error_response, status_error_response
+
+__all__ = ("auth_middleware", "build_identity", "request_id_of")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Malformed input is worth a warning; the rest are ordinary rejections.
+_MALFORMED = (TokenInvalid, TokenClaimInvalid)
+
+
+def request_id_of(request: web.Request) -> str:
+    """The caller's ``x-request-id`` when well formed, else a fresh one."""
+    values = request.headers.getall("x-request-id", ())
+    if len(values) == 1 and _REQUEST_ID.fullmatch(values[0]):
+        return values[0]
+    return uuid.uuid4().hex
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = request_id_of(request)
+    request[REQUEST_ID] = request_id
+    response = await _authenticate_and_handle(request, handler)
+    response.headers["x-request-id"] = request_id
+    return response
+
+
+async def _authenticate_and_handle(
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
+    app = request.app
+    policy = policy_of(request.match_info.route.handler)
+    if not policy.public:
+        context = AuthContext(request.headers, request.query, policy)
+        try:
+            await app[CHAIN].run(context)
+        except AuthError as error:
+            return _reject(request, error, context)
+        except Exception:  # noqa: BLE001 - fail closed, never a 500 for client input
+            auth_logger.exception(
+                "auth.validator_crashed", extra={"request_id": request[REQUEST_ID]}
+            )
+            return _reject(request, TokenInvalid(), context)
+        _accept(request, context)
+    return await _call_handler(request, handler)
+
+
+def _accept(request: web.Request, context: AuthContext) -> None:
+    verified = context.verified
+    subscription = context.subscription
+    if verified is None or subscription is None:
+        # A custom chain without the token or key steps: nothing to attach.
+        return
+    if not context.from_cache and context.token is not None:
+        request.app[TOKEN_CACHE].put(context.token, verified)
+    request[IDENTITY] = build_identity(subscription, verified)
+
+
+def _reject(
+    request: web.Request, error: AuthError, context: AuthContext
+) -> web.Response:
+    request[AUTH_REJECTION] = error.code
+    level = logging.WARNING if isinstance(error, _MALFORMED) else logging.INFO
+    if auth_logger.isEnabledFor(level):
+        fields: dict[str, Any] = {
+            "code": error.code,
+            "status": error.status,
+            "request_id": request[REQUEST_ID],
+            "path": request.path,
+        }
+        if context.token is not None:
+            fields["token_fp"] = _fingerprint(context.token)
+        if context.subscription is not None:
+            fields["subscription"] = context.subscription.name
+        auth_logger.log(level, "auth.rejected", extra=fields)
+    return error_response(error, request.app[SETTINGS].realm)
+
+
+async def _call_handler(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = status_error_response(exc.status, _code_for(exc), exc.reason)
+        for name in ("Allow", "Retry-After"):
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
+        return response
+    except Exception:  # noqa: BLE001 - the outermost catch-all of a request
+        app_logger.exception(
+            "request.failed", extra={"request_id": request[REQUEST_ID]}
+        )
+        return status_error_response(500, "InternalError", "The service failed")
+
+
+def build_identity(subscription: Subscription, verified: VerifiedToken) -> Identity:
+    claims = verified.claims
+    client_id = _string(claims, "azp") or _string(claims, "appid")
+    return Identity(
+        subscription=subscription.name,
+        product=subscription.product,
+        tenant_id=_string(claims, "tid") or "",
+        object_id=_string(claims, "oid"),
+        subject=_string(claims, "sub"),
+        client_id=client_id,
+        roles=tuple(sorted(token_roles(claims))),
+        scopes=tuple(sorted(token_scopes(claims))),
+        version=_string(claims, "ver"),
+        claims=claims,
+    )
+
+
+def _string(claims: Any, name: str) -> str | None:
+    value = claims.get(name)
+    return value if isinstance(value, str) else None
+
+
+def _code_for(exc: web.HTTPException) -> str:
+    return "".join(word.capitalize() for word in exc.reason.split()) or "Error"
+
+
+def _fingerprint(token: str) -> str:
+    return hashlib.sha256(token.encode("ascii")).hexdigest()[:12]
