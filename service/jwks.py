@@ -46,6 +46,7 @@ class JwksPolicy:
     max_body_bytes: int = 1 << 20
     backoff_initial: float = 1.0
     backoff_max: float = 300.0
+    allow_insecure_http: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JwksPolicy:
@@ -55,6 +56,7 @@ class JwksPolicy:
             max_stale_seconds=settings.jwks_max_stale_seconds,
             connect_timeout=settings.idp_connect_timeout_seconds,
             total_timeout=settings.idp_timeout_seconds,
+            allow_insecure_http=settings.allow_insecure_http,
         )
 
 
@@ -148,6 +150,7 @@ class JwksCache:
         self._monotonic = monotonic
         self._wall = wall
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
         self._loop_task: asyncio.Task[None] | None = None
         self._inflight: asyncio.Task[bool] | None = None
         self._keyset: KeySet | None = None
@@ -174,6 +177,7 @@ class JwksCache:
         self._loop_task = asyncio.create_task(self._run(), name="jwks-refresh")
 
     async def close(self) -> None:
+        self._closed = True
         for task in (self._loop_task, self._inflight):
             if task is not None and not task.done():
                 task.cancel()
@@ -291,12 +295,15 @@ class JwksCache:
             self._inflight = task
         limit = 2 * self._policy.total_timeout + 1
         try:
-            return await asyncio.wait_for(asyncio.shield(task), timeout=limit)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+            # cancellation that arrives as the inner task finishes.
+            async with asyncio.timeout(limit):
+                return await asyncio.shield(task)
         except TimeoutError:
             return False
 
     async def _run(self) -> None:
-        while True:
+        while not self._closed:
             await asyncio.sleep(self._next_delay())
             await self._shared_refresh("scheduled")
 
@@ -338,7 +345,7 @@ class JwksCache:
             raise KeySetError("the discovery document names an issuer not accepted")
         jwks_uri = document.get("jwks_uri")
         if not isinstance(jwks_uri, str) or not _same_origin(
-            jwks_uri, self._config_url
+            jwks_uri, self._config_url, self._policy.allow_insecure_http
         ):
             raise KeySetError("the discovery document points at keys on another host")
         return jwks_uri
@@ -452,9 +459,8 @@ class JwksCache:
         if self._store is None:
             return None
         try:
-            raw = await asyncio.wait_for(
-                self._store.get(self._store_key), _STORE_TIMEOUT
-            )
+            async with asyncio.timeout(_STORE_TIMEOUT):
+                raw = await self._store.get(self._store_key)
         except Exception:  # noqa: BLE001 - the shared store is an optimisation only
             self.store_errors += 1
             return None
@@ -472,7 +478,9 @@ class JwksCache:
         ours = self._keyset.fetched_wall if self._keyset else -math.inf
         if fetched_wall <= ours or not 0 <= age < self._policy.refresh_seconds:
             return None
-        if not _same_origin(jwks_uri, self._config_url):
+        if not _same_origin(
+            jwks_uri, self._config_url, self._policy.allow_insecure_http
+        ):
             return None
         self.fetches[("shared", "ok")] += 1
         return KeySet(keys, jwks_uri, self._monotonic() - age, fetched_wall, document)
@@ -488,21 +496,23 @@ class JwksCache:
             }
         )
         try:
-            await asyncio.wait_for(
-                self._store.set(
+            async with asyncio.timeout(_STORE_TIMEOUT):
+                await self._store.set(
                     self._store_key, value, ttl=int(self._policy.max_stale_seconds)
-                ),
-                _STORE_TIMEOUT,
-            )
+                )
         except Exception:  # noqa: BLE001 - a replica still works on its own copy
             self.store_errors += 1
 
 
-def _same_origin(url: str, reference: str) -> bool:
+def _same_origin(url: str, reference: str, allow_insecure_http: bool = False) -> bool:
     parts, ref = urlsplit(url), urlsplit(reference)
     if parts.scheme != ref.scheme or parts.netloc.lower() != ref.netloc.lower():
         return False
-    return parts.scheme == "https" or is_loopback_url(url)
+    if parts.scheme == "https" or is_loopback_url(url):
+        return True
+    # ENTRA_ALLOW_INSECURE_HTTP (dev stacks): plain http on the configured host,
+    # still never another host.
+    return parts.scheme == "http" and allow_insecure_http
 
 
 def _retry_after(value: str | None) -> float | None:
