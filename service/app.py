@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 
-from aiocache import SimpleMemoryCache
 from aiocache.base import BaseCache
 from aiohttp import web
 
@@ -14,13 +13,27 @@ from validators import SubscriptionLookup, Validator
 from .appkeys import CHAIN, JWKS, KEY_STORE, KEY_WATCHER, SETTINGS, SHUTTING_DOWN
 from .appkeys import TOKEN_CACHE
 from .chain import ValidatorChain, default_validators, load_extra_validators
+from .docs_routes import add_docs_routes
 from .jose_backend import ensure_cryptography_backend
 from .jwks import JwksCache, JwksPolicy
 from .keystore import KeyStoreWatcher
 from .log import app_logger
+from .metrics import setup_metrics
 from .middleware import auth_middleware
+from .rate_limit import (
+    AUTH_THROTTLE,
+    RATE_LIMITER,
+    TRUSTED_PROXIES,
+    FailedAuthThrottle,
+    SubscriptionRateLimiter,
+    WindowCounter,
+    add_rate_limit_headers,
+    parse_trusted_proxies,
+)
 from .routes import add_routes
 from .settings import Settings
+from .shared_store import SHARED_STORE, SharedStore, build_shared_store
+from .shared_subscriptions import SharedSubscriptions
 from .token_cache import TokenCache
 
 __all__ = ("create_app",)
@@ -39,6 +52,8 @@ def create_app(
     ``extra_validators`` run after the built-in checks, followed by those named
     in ``AUTH_EXTRA_VALIDATORS``. ``subscriptions`` replaces the key-store file
     (for embedding and tests); ``clock`` is the wall clock for time claims.
+    ``shared_store`` replaces the store of the shared JWKS copy; rate limits and
+    subscription state use the store ``CACHE_URL`` names.
     """
     ensure_cryptography_backend()
     watcher: KeyStoreWatcher | None = None
@@ -47,8 +62,18 @@ def create_app(
             settings.subscription_keys_file, interval=settings.keys_reload_seconds
         )
         subscriptions = watcher
+    shared = build_shared_store(settings)
+    sharing = None
+    if watcher is not None and shared.shared:
+        sharing = SharedSubscriptions(
+            watcher, shared, interval=settings.subscription_sync_seconds
+        )
+        subscriptions = sharing
+    # Separate counters: a flood of addresses must not evict subscription counts.
+    rate_limiter = SubscriptionRateLimiter(WindowCounter(shared))
+    throttle = FailedAuthThrottle(settings.auth_failure_limit, WindowCounter(shared))
 
-    store = shared_store if shared_store is not None else SimpleMemoryCache()
+    store = shared_store if shared_store is not None else shared.cache
     jwks = JwksCache(
         settings.openid_config_url,
         settings.issuers,
@@ -64,6 +89,7 @@ def create_app(
             keys=jwks,
             clock=clock,
             token_cache=token_cache if token_cache.enabled else None,
+            rate_limiter=rate_limiter,
         ),
         *extra_validators,
         *load_extra_validators(settings.extra_validators, settings),
@@ -78,7 +104,19 @@ def create_app(
     app[KEY_STORE] = subscriptions
     app[KEY_WATCHER] = watcher
     app[SHUTTING_DOWN] = [False]
+    app[SHARED_STORE] = shared
+    app[RATE_LIMITER] = rate_limiter
+    app[AUTH_THROTTLE] = throttle
+    app[TRUSTED_PROXIES] = parse_trusted_proxies(settings.trusted_proxies)
+    app.on_response_prepare.append(add_rate_limit_headers)
     add_routes(app)
+    add_docs_routes(app, settings)
+    setup_metrics(
+        app, settings, jwks=jwks, token_cache=token_cache, key_watcher=watcher
+    )
+    # Before the key cache: started first, so a replica has the fleet's
+    # subscription state before it serves; closed last.
+    app.cleanup_ctx.append(_shared_state_lifecycle(shared, sharing))
     app.cleanup_ctx.append(_lifecycle(jwks, watcher, store))
     app.on_shutdown.append(_mark_shutting_down)
     _log_start(settings, chain)
@@ -101,6 +139,21 @@ def _lifecycle(
     return lifecycle
 
 
+def _shared_state_lifecycle(
+    shared: SharedStore, sharing: SharedSubscriptions | None
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await shared.start()
+        if sharing is not None:
+            await sharing.start()
+        yield
+        if sharing is not None:
+            await sharing.close()
+        await shared.close()
+
+    return lifecycle
+
+
 async def _mark_shutting_down(app: web.Application) -> None:
     # Readiness flips first, so a load balancer stops sending new requests.
     app[SHUTTING_DOWN][0] = True
@@ -108,6 +161,15 @@ async def _mark_shutting_down(app: web.Application) -> None:
 
 def _log_start(settings: Settings, chain: ValidatorChain) -> None:
     app_logger.info("app.configured", extra={"chain": list(chain.names)})
+    if settings.allow_insecure_http:
+        app_logger.warning(
+            "app.insecure_http_allowed",
+            extra={
+                "detail": "ENTRA_ALLOW_INSECURE_HTTP=true: signing keys may come over"
+                " plain http; for dev stacks only",
+                "openid_config_url": settings.openid_config_url,
+            },
+        )
     if not settings.role_check_enabled:
         app_logger.warning(
             "app.role_check_disabled",

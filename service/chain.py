@@ -23,6 +23,7 @@ from validators import (
     Validator,
     VerifiedTokenCache,
 )
+from validators.rate_limit import RateLimiter, RateLimitValidator
 
 from .settings import Settings, SettingsError
 
@@ -55,15 +56,21 @@ def default_validators(
     keys: SigningKeyProvider,
     clock: Callable[[], float],
     token_cache: VerifiedTokenCache | None = None,
+    rate_limiter: RateLimiter | None = None,
 ) -> tuple[Validator, ...]:
     """The built-in order, written down once: cheapest and least trusting first.
 
     The key check comes before any token work, so a request without a key costs
     no RSA operation; authorization claims are read only after the signature.
+    The rate limit follows the key, whose subscription it counts, and precedes
+    the token: as APIM's ``rate-limit`` ahead of ``validate-jwt``, every call
+    with a valid key counts, and a caller over its limit costs no RSA check.
     """
+    rate_limit = () if rate_limiter is None else (RateLimitValidator(rate_limiter),)
     return (
         QueryCredentialsValidator(),
         SubscriptionKeyValidator(subscriptions),
+        *rate_limit,
         BearerTokenValidator(settings.max_token_bytes),
         SignatureValidator(keys, token_cache),
         LifetimeValidator(

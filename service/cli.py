@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -21,6 +23,7 @@ from .jose_backend import JoseBackendError
 from .keys_cli import add_keys_parser
 from .keystore import KeyStoreError, KeyStoreFile
 from .log import configure_logging
+from .openapi import build_openapi, render_openapi
 from .server import install_event_loop_policy, run_server, run_workers
 from .settings import Settings, SettingsError, load_env_file
 
@@ -28,9 +31,6 @@ if TYPE_CHECKING:
     from .idp import LocalIdentityProvider
 
 __all__ = ("main",)
-
-_DEV_PORT = 8080
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
@@ -74,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path)
     check.set_defaults(handler=_check_config)
 
+    spec = commands.add_parser(
+        "spec", help="write the OpenAPI document (for APIM import)"
+    )
+    spec.add_argument("--output", type=Path, help="file to write (default: stdout)")
+    spec.add_argument("--config", type=Path, help="a KEY=VALUE file of settings")
+    spec.set_defaults(handler=_spec)
+
     add_keys_parser(commands)
     return parser
 
@@ -96,6 +103,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise SettingsError("--workers", "must be 1 or more")
     if args.workers > 1:
+        if settings.port == 0:
+            # Each worker would bind its own random port: nothing to share.
+            raise SettingsError("--workers", "needs a fixed PORT, not 0")
+        # The supervisor's own lines (a worker that died) in the same format.
+        configure_logging(settings.log_level, settings.log_format)
         return run_workers(_worker_argv(args), args.workers)
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
@@ -130,39 +142,40 @@ def _announce(loop_name: str, host: str, port: int) -> None:
 
 def _serve_dev(args: argparse.Namespace) -> int:
     env = _environment(args.config)
-    log_level = env.get("LOG_LEVEL", "INFO").upper()
-    configure_logging(log_level, env.get("LOG_FORMAT", "text").lower())
-    host = args.host or "127.0.0.1"
-    port = args.port if args.port is not None else int(env.get("PORT", _DEV_PORT))
+    # Dev mode listens on loopback and logs readable text unless told otherwise.
+    env.setdefault("LOG_FORMAT", "text")
+    env["HOST"] = args.host or "127.0.0.1"
+    if args.port is not None:
+        env["PORT"] = str(args.port)
+    configure_logging(
+        env.get("LOG_LEVEL", "INFO").strip().upper(), env["LOG_FORMAT"].strip().lower()
+    )
     loop_name = install_event_loop_policy()
     workdir = Path(tempfile.mkdtemp(prefix="rag-api-dev-"))
     try:
-        asyncio.run(_run_dev(env, host, port, workdir, loop_name))
+        asyncio.run(_run_dev(env, workdir, loop_name))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
-async def _run_dev(
-    env: Mapping[str, str], host: str, port: int, workdir: Path, loop_name: str
-) -> None:
+async def _run_dev(env: dict[str, str], workdir: Path, loop_name: str) -> None:
     from .idp import LocalIdentityProvider
 
     idp = LocalIdentityProvider()
     await idp.start()
     try:
-        keys = KeyStoreFile(workdir / "keys.json").add("dev", "dev")
-        settings = Settings(
-            tenant_id=idp.tenant_id,
-            audiences=(idp.audience, idp.app_id),
-            openid_config_url=idp.openid_config_url,
-            issuers=(idp.issuer, idp.issuer_v1),
-            subscription_keys_file=workdir / "keys.json",
-            host=host,
-            port=port,
-            log_level=env.get("LOG_LEVEL", "INFO").upper(),
-            log_format=env.get("LOG_FORMAT", "text").lower(),
-        )
+        keys_file = workdir / "keys.json"
+        keys = KeyStoreFile(keys_file).add("dev", "dev")
+        # Every other setting (roles, caches, limits) is honoured as given.
+        env |= {
+            "ENTRA_TENANT_ID": idp.tenant_id,
+            "ENTRA_AUDIENCES": f"{idp.audience},{idp.app_id}",
+            "ENTRA_OPENID_CONFIG_URL": idp.openid_config_url,
+            "ENTRA_ISSUERS": f"{idp.issuer},{idp.issuer_v1}",
+            "APIM_SUBSCRIPTION_KEYS_FILE": str(keys_file),
+        }
+        settings = Settings.from_env(env)
         app = create_app(settings)
         token = await _client_credentials_token(idp)
 
@@ -171,8 +184,8 @@ async def _run_dev(
 
         await run_server(
             app,
-            host,
-            port,
+            settings.host,
+            settings.port,
             max_header_bytes=settings.max_header_bytes,
             on_started=started,
         )
@@ -221,8 +234,18 @@ def _idp(args: argparse.Namespace) -> int:
     from .idp import run_idp
 
     configure_logging(os.environ.get("LOG_LEVEL", "INFO").upper(), "text")
-    asyncio.run(run_idp(args.host, args.port, args.tenant_id, args.app_id))
+    asyncio.run(_until_signal(run_idp(args.host, args.port, args.tenant_id, args.app_id)))
     return 0
+
+
+async def _until_signal(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` until SIGTERM or SIGINT cancels it, then return cleanly."""
+    task = asyncio.create_task(work)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -251,3 +274,31 @@ async def _probe(settings: Settings) -> bool:
     print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     return ok
 
+
+def _spec(args: argparse.Namespace) -> int:
+    env = _environment(args.config)
+    # The document needs the identity settings only: no key store is read and
+    # no identity provider is called, so a build machine can run this.
+    env.setdefault("APIM_SUBSCRIPTION_KEYS_FILE", "unused-by-spec.json")
+    settings = Settings.from_env(env)
+    configure_logging("WARNING", "text", stream=sys.stderr)
+    app = create_app(settings, subscriptions=_NoSubscriptions())
+    document = render_openapi(build_openapi(app))
+    if args.output is None:
+        sys.stdout.buffer.write(document)
+        sys.stdout.flush()
+        return 0
+    try:
+        args.output.write_bytes(document)
+    except OSError as err:
+        raise SettingsError(
+            "--output", f"cannot write {args.output}: {err.strerror}"
+        ) from err
+    return 0
+
+
+class _NoSubscriptions:
+    """The key store of an app that is only described, never served."""
+
+    def find(self, key: bytes) -> None:
+        return None

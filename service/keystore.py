@@ -390,6 +390,8 @@ class KeyStoreWatcher:
         self._last_reload_ok = True
         self._last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
+        self._loaded_mtime_ns = signature[0]
+        self._listeners: list[Callable[[SubscriptionStore], None]] = []
         _log_loaded("Loaded", self._path, store)
 
     @property
@@ -418,6 +420,18 @@ class KeyStoreWatcher:
     @property
     def subscription_count(self) -> int:
         return len(self._store.subscriptions)
+
+    @property
+    def loaded_mtime_ns(self) -> int:
+        """The modification time of the file the store in use was read from.
+
+        Replicas sharing state compare it to tell which of two stores is newer.
+        """
+        return self._loaded_mtime_ns
+
+    def add_listener(self, listener: Callable[[SubscriptionStore], None]) -> None:
+        """Called with the new store each time a changed file is accepted."""
+        self._listeners.append(listener)
 
     def find(self, key: bytes) -> Subscription | None:
         return self._store.find(key)
@@ -491,11 +505,15 @@ class KeyStoreWatcher:
 
     def _accept(self, store: SubscriptionStore) -> None:
         self._store = store
+        if self._seen is not None:
+            self._loaded_mtime_ns = self._seen[0]
         self._loaded_at = datetime.now(UTC)
         self._last_reload_ok = True
         self._last_error = None
         self._warned_for = _NOT_WARNED
         _log_loaded("Reloaded", self._path, store)
+        for listener in self._listeners:
+            listener(store)
 
     def _refuse(self, reason: str) -> None:
         self._last_reload_ok = False

@@ -18,13 +18,17 @@ from validators import (
     Subscription,
     TokenClaimInvalid,
     TokenInvalid,
+    TooManyFailedAttempts,
     VerifiedToken,
 )
+from validators.rate_limit import RateLimitedContext
 from validators.roles import token_roles, token_scopes
 
 from .appkeys import AUTH_REJECTION, CHAIN, IDENTITY, REQUEST_ID, SETTINGS, TOKEN_CACHE
 from .log import app_logger, auth_logger
+from .metrics import REQUEST_COUNTERS
 from .policy import policy_of
+from .rate_limit import AUTH_THROTTLE, RATE_LIMIT_USAGE, TRUSTED_PROXIES, client_address
 from .responses import error_response, status_error_response
 
 __all__ = ("auth_middleware", "build_identity", "request_id_of")
@@ -50,6 +54,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     request[REQUEST_ID] = request_id
     response = await _authenticate_and_handle(request, handler)
     response.headers["x-request-id"] = request_id
+    # One dict increment; labels are built only when Prometheus scrapes.
+    request.app[REQUEST_COUNTERS].responses[response.status] += 1
     return response
 
 
@@ -59,18 +65,39 @@ async def _authenticate_and_handle(
     app = request.app
     policy = policy_of(request.match_info.route.handler)
     if not policy.public:
-        context = AuthContext(request.headers, request.query, policy)
+        context = RateLimitedContext(request.headers, request.query, policy)
+        client = client_address(request, app[TRUSTED_PROXIES])
+        wait = app[AUTH_THROTTLE].retry_after(client)
+        if wait is not None:
+            # Before any other work: a throttled client costs one dict look-up.
+            return _reject(request, TooManyFailedAttempts(retry_after=wait), context)
         try:
             await app[CHAIN].run(context)
         except AuthError as error:
-            return _reject(request, error, context)
+            return await _refuse(request, error, context, client)
         except Exception:  # noqa: BLE001 - fail closed, never a 500 for client input
             auth_logger.exception(
                 "auth.validator_crashed", extra={"request_id": request[REQUEST_ID]}
             )
-            return _reject(request, TokenInvalid(), context)
+            return await _refuse(request, TokenInvalid(), context, client)
+        finally:
+            # Read by the response hook, on success and rejection alike.
+            if context.usage is not None:
+                request[RATE_LIMIT_USAGE] = context.usage
         _accept(request, context)
     return await _call_handler(request, handler)
+
+
+async def _refuse(
+    request: web.Request, error: AuthError, context: AuthContext, client: str
+) -> web.Response:
+    # Only anonymous failures count: a missing or wrong subscription key. Once a
+    # key is valid the caller is a subscription, bounded by its own rate limit;
+    # counting its bad tokens against the address would also lock out everyone
+    # sharing that address (all of APIM, without TRUSTED_PROXIES).
+    if error.status == 401 and context.subscription is None:
+        await request.app[AUTH_THROTTLE].record_failure(client)
+    return _reject(request, error, context)
 
 
 def _accept(request: web.Request, context: AuthContext) -> None:
@@ -88,10 +115,11 @@ def _reject(
     request: web.Request, error: AuthError, context: AuthContext
 ) -> web.Response:
     request[AUTH_REJECTION] = error.code
+    request.app[REQUEST_COUNTERS].rejections[error.code] += 1
     level = logging.WARNING if isinstance(error, _MALFORMED) else logging.INFO
     if auth_logger.isEnabledFor(level):
         fields: dict[str, Any] = {
-            "code": error.code,
+            "rejection": error.code,
             "status": error.status,
             "request_id": request[REQUEST_ID],
             "path": request.path,

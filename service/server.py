@@ -10,15 +10,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from .log import app_logger
+from .protocol import SafeAppRunner
 
-__all__ = ("install_event_loop_policy", "run_server", "run_workers")
+__all__ = ("install_event_loop_policy", "run_server", "run_workers", "runner_options")
 
 SHUTDOWN_TIMEOUT = 30.0
 _RESTART_BACKOFF_MAX = 30.0
+# A worker that ran this long before dying starts the backoff again from 1 s.
+_RESTART_BACKOFF_RESET = 60.0
 
 
 def install_event_loop_policy() -> str:
@@ -39,21 +44,18 @@ async def run_server(
     max_header_bytes: int,
     reuse_port: bool = False,
     on_started: Callable[[str, int], Awaitable[None] | None] | None = None,
-    access_log_class: type | None = None,
+    access_log_class: type[AbstractAccessLogger] | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then drain in-flight requests and clean up."""
-    kwargs: dict[str, object] = {}
+    """Serve until SIGTERM or SIGINT, then drain in-flight requests and clean up.
+
+    On the signal the listening socket closes first, then requests in flight get
+    up to ``SHUTDOWN_TIMEOUT`` to finish, then the app's cleanup runs (background
+    tasks, client sessions), so nothing is cancelled half-way or left unclosed.
+    """
+    kwargs: dict[str, Any] = {}
     if access_log_class is not None:
         kwargs["access_log_class"] = access_log_class
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        shutdown_timeout=SHUTDOWN_TIMEOUT,
-        # Entra tokens of users in many groups exceed aiohttp's 8190-byte default.
-        max_line_size=max_header_bytes,
-        max_field_size=max_header_bytes,
-        **kwargs,
-    )
+    runner = SafeAppRunner(app, **runner_options(max_header_bytes), **kwargs)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=1024)
@@ -71,6 +73,17 @@ async def run_server(
         await runner.cleanup()
 
 
+def runner_options(max_header_bytes: int) -> dict[str, Any]:
+    """The ``AppRunner`` options production serves with, for tests to serve alike."""
+    return {
+        "handle_signals": False,
+        "shutdown_timeout": SHUTDOWN_TIMEOUT,
+        # Entra tokens of users in many groups exceed aiohttp's 8190-byte default.
+        "max_line_size": max_header_bytes,
+        "max_field_size": max_header_bytes,
+    }
+
+
 def run_workers(argv: Sequence[str], workers: int) -> int:
     """Run ``workers`` copies of this command sharing one port through SO_REUSEPORT.
 
@@ -78,7 +91,7 @@ def run_workers(argv: Sequence[str], workers: int) -> int:
     restarted with backoff; SIGTERM or SIGINT is passed on and awaited.
     """
     command = [sys.executable, "-m", "service", *argv, "--reuse-port"]
-    children = [subprocess.Popen(command) for _ in range(workers)]  # noqa: S603
+    children: list[subprocess.Popen[bytes]] = []
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
@@ -88,19 +101,32 @@ def run_workers(argv: Sequence[str], workers: int) -> int:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
 
+    # Handlers first: a signal that arrives while the workers start must still
+    # reach every one of them, not kill the supervisor and orphan them.
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    for _ in range(workers):
+        if stopping:
+            break
+        children.append(subprocess.Popen(command))  # noqa: S603
     backoff = 1.0
+    last_exit = -_RESTART_BACKOFF_RESET
     while not stopping:
         time.sleep(0.2)
         for index, child in enumerate(children):
             code = child.poll()
             if code is None or stopping:
                 continue
-            app_logger.warning("server.worker_exited", extra={"exit_code": code})
+            app_logger.warning(
+                "server.worker_exited", extra={"exit_code": code, "pid": child.pid}
+            )
+            if time.monotonic() - last_exit > _RESTART_BACKOFF_RESET:
+                backoff = 1.0
+            last_exit = time.monotonic()
             time.sleep(backoff)
             backoff = min(backoff * 2, _RESTART_BACKOFF_MAX)
-            children[index] = subprocess.Popen(command)  # noqa: S603
+            if not stopping:
+                children[index] = subprocess.Popen(command)  # noqa: S603
     codes = []
     for child in children:
         with contextlib.suppress(subprocess.TimeoutExpired):

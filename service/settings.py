@@ -10,6 +10,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from validators.base import RateLimit
+
+from .keystore import KeyStoreError, parse_rate_limit
+from .shared_store import CacheUrl, CacheUrlError
+
 __all__ = (
     "DEFAULT_REQUIRED_ROLES",
     "Settings",
@@ -19,6 +24,8 @@ __all__ = (
 )
 
 DEFAULT_REQUIRED_ROLES = ("Api.Access",)
+DEFAULT_AUTH_FAILURE_LIMIT = RateLimit(calls=50, period_seconds=60)
+_CACHE_KEY_PREFIX = re.compile(r"[A-Za-z0-9._-]{0,64}")
 _GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _ROLE = re.compile(r"[A-Za-z0-9._:/-]{1,120}")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -61,7 +68,17 @@ class Settings:
     token_cache_size: int = 10000
     extra_validators: tuple[str, ...] = ()
     docs_public: bool = True
-    cache_url: str = "memory://"
+    # Kept out of repr: a Redis URL may carry a password.
+    cache_url: str = field(default="memory://", repr=False)
+    cache_key_prefix: str = ""
+    cache_connect_timeout_seconds: float = 0.25
+    cache_timeout_seconds: float = 0.25
+    subscription_sync_seconds: float = 1.0
+    auth_failure_limit: RateLimit | None = DEFAULT_AUTH_FAILURE_LIMIT
+    trusted_proxies: tuple[str, ...] = ()
+    metrics_port: int | None = None
+    metrics_public: bool = False
+    allow_insecure_http: bool = False
     extras: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -116,6 +133,15 @@ class Settings:
             "AUTH_EXTRA_VALIDATORS": list(self.extra_validators),
             "DOCS_PUBLIC": self.docs_public,
             "CACHE_URL": _redact_url(self.cache_url),
+            "CACHE_KEY_PREFIX": self.cache_key_prefix,
+            "CACHE_CONNECT_TIMEOUT_SECONDS": self.cache_connect_timeout_seconds,
+            "CACHE_TIMEOUT_SECONDS": self.cache_timeout_seconds,
+            "SUBSCRIPTION_SYNC_SECONDS": self.subscription_sync_seconds,
+            "AUTH_FAILURE_LIMIT": _limit_text(self.auth_failure_limit),
+            "TRUSTED_PROXIES": list(self.trusted_proxies),
+            "METRICS_PORT": self.metrics_port,
+            "METRICS_PUBLIC": self.metrics_public,
+            "ENTRA_ALLOW_INSECURE_HTTP": self.allow_insecure_http,
         }
 
     def _check(self) -> None:
@@ -123,7 +149,9 @@ class Settings:
             raise SettingsError("ENTRA_TENANT_ID", "must be a lower-case tenant GUID")
         if not self.audiences or any(not a.strip() for a in self.audiences):
             raise SettingsError("ENTRA_AUDIENCES", "must list at least one audience")
-        _check_url("ENTRA_OPENID_CONFIG_URL", self.openid_config_url)
+        _check_url(
+            "ENTRA_OPENID_CONFIG_URL", self.openid_config_url, self.allow_insecure_http
+        )
         if any(not i.startswith(("https://", "http://")) for i in self.issuers):
             raise SettingsError("ENTRA_ISSUERS", "every issuer must be a URL")
         for name, values in (
@@ -165,8 +193,49 @@ class Settings:
             raise SettingsError("LOG_FORMAT", "must be json or text")
         if not re.fullmatch(r"[A-Za-z0-9 ._:/-]{1,100}", self.realm):
             raise SettingsError("AUTH_REALM", "must be plain text without quotes")
-        if not self.cache_url.startswith(("memory://", "redis://", "rediss://")):
-            raise SettingsError("CACHE_URL", "must start with memory:// or redis://")
+        self._check_shared_state()
+        self._check_metrics_port()
+
+    def _check_metrics_port(self) -> None:
+        if self.metrics_port is None:
+            return
+        _check_range("METRICS_PORT", self.metrics_port, 1, 65535)
+        if self.metrics_port == self.port:
+            raise SettingsError("METRICS_PORT", "must differ from PORT")
+
+    def _check_shared_state(self) -> None:
+        try:
+            CacheUrl.parse(self.cache_url)
+        except CacheUrlError as err:
+            # The message never echoes the URL: it may hold a password.
+            raise SettingsError("CACHE_URL", str(err)) from None
+        if not _CACHE_KEY_PREFIX.fullmatch(self.cache_key_prefix):
+            raise SettingsError(
+                "CACHE_KEY_PREFIX", "may hold up to 64 letters, digits and ._-"
+            )
+        _check_range(
+            "CACHE_CONNECT_TIMEOUT_SECONDS", self.cache_connect_timeout_seconds, 0.01, 5
+        )
+        _check_range("CACHE_TIMEOUT_SECONDS", self.cache_timeout_seconds, 0.01, 5)
+        _check_range(
+            "SUBSCRIPTION_SYNC_SECONDS", self.subscription_sync_seconds, 0.05, 60
+        )
+        limit = self.auth_failure_limit
+        if limit is not None and not (
+            1 <= limit.calls <= 1_000_000 and 1 <= limit.period_seconds <= 86400
+        ):
+            raise SettingsError(
+                "AUTH_FAILURE_LIMIT",
+                "must be CALLS/SECONDS within 1/1 and 1000000/86400",
+            )
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise SettingsError(
+                    "TRUSTED_PROXIES",
+                    "must list IP addresses or networks, e.g. 10.0.0.0/8",
+                ) from None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -202,6 +271,17 @@ class Settings:
             extra_validators=_list(env, "AUTH_EXTRA_VALIDATORS", ()),
             docs_public=_bool(env, "DOCS_PUBLIC", True),
             cache_url=env.get("CACHE_URL", "memory://").strip(),
+            cache_key_prefix=env.get("CACHE_KEY_PREFIX", "").strip(),
+            cache_connect_timeout_seconds=_float(
+                env, "CACHE_CONNECT_TIMEOUT_SECONDS", 0.25
+            ),
+            cache_timeout_seconds=_float(env, "CACHE_TIMEOUT_SECONDS", 0.25),
+            subscription_sync_seconds=_float(env, "SUBSCRIPTION_SYNC_SECONDS", 1.0),
+            auth_failure_limit=_auth_failure_limit(env),
+            trusted_proxies=_list(env, "TRUSTED_PROXIES", ()),
+            metrics_port=_optional_int(env, "METRICS_PORT"),
+            metrics_public=_bool(env, "METRICS_PUBLIC", False),
+            allow_insecure_http=_bool(env, "ENTRA_ALLOW_INSECURE_HTTP", False),
             extras={k: v for k, v in env.items() if k.startswith("RAG_")},
         )
 
@@ -234,13 +314,21 @@ def is_loopback_url(url: str) -> bool:
         return False
 
 
-def _check_url(name: str, url: str) -> None:
+def _check_url(name: str, url: str, allow_insecure_http: bool = False) -> None:
     parts = urlsplit(url)
     if parts.scheme == "https" and parts.hostname:
         return
     if parts.scheme == "http" and is_loopback_url(url):
         return
-    raise SettingsError(name, "must be an https URL (http only on a loopback host)")
+    # Dev stacks only (docker-compose's idp container): keys over plain HTTP can
+    # be swapped by anyone on the path, so this is opt-in and logged at start-up.
+    if parts.scheme == "http" and parts.hostname and allow_insecure_http:
+        return
+    raise SettingsError(
+        name,
+        "must be an https URL (http only on a loopback host, or on any host with "
+        "ENTRA_ALLOW_INSECURE_HTTP=true in a dev stack)",
+    )
 
 
 def _check_range(name: str, value: float, low: float, high: float) -> None:
@@ -275,6 +363,12 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise SettingsError(name, "must be a whole number") from None
 
 
+def _optional_int(env: Mapping[str, str], name: str) -> int | None:
+    if not env.get(name, "").strip():
+        return None
+    return _int(env, name, 0)
+
+
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name, "").strip()
     if not raw:
@@ -297,6 +391,24 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise SettingsError(name, "must be true or false")
+
+
+def _auth_failure_limit(env: Mapping[str, str]) -> RateLimit | None:
+    raw = env.get("AUTH_FAILURE_LIMIT", "").strip()
+    if not raw:
+        return DEFAULT_AUTH_FAILURE_LIMIT
+    if raw in ("0", "off"):
+        return None
+    try:
+        return parse_rate_limit(raw)
+    except KeyStoreError:
+        raise SettingsError(
+            "AUTH_FAILURE_LIMIT", "must be CALLS/SECONDS (e.g. 50/60), or 0 for off"
+        ) from None
+
+
+def _limit_text(limit: RateLimit | None) -> str:
+    return "0" if limit is None else f"{limit.calls}/{limit.period_seconds}"
 
 
 def _redact_url(url: str) -> str:

@@ -183,3 +183,29 @@ def test_serve_dev_prints_a_curl_command_that_works_as_printed(
     assert "Traceback" not in stderr
     assert "Task was destroyed" not in stderr
     assert "Unclosed" not in stderr
+
+
+def test_idp_command_serves_until_sigterm_and_exits_cleanly() -> None:
+    with subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "service", "idp", "--port", "0"],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        try:
+            assert process.stdout is not None
+            banner = ""
+            for _ in range(20):
+                banner = process.stdout.readline()
+                if banner.startswith("Local identity provider"):
+                    break
+            assert "http://127.0.0.1:" in banner
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert process.returncode == 0
+    assert "Traceback" not in stderr

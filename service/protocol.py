@@ -1,0 +1,73 @@
+"""Error pages for requests aiohttp refuses before any handler runs, without echoing them."""
+
+from __future__ import annotations
+
+import uuid
+import orjson
+from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_server import Server
+
+__all__ = ("SafeAppRunner", "safe_error_response")
+
+_HEADER_TOO_LARGE = (
+    431,
+    "RequestHeaderFieldsTooLarge",
+    "A request header or the request line is larger than this API accepts",
+)
+_BAD_REQUEST = (400, "BadRequest", "The request is not valid HTTP")
+_SERVER_ERROR = (500, "InternalError", "The service failed")
+
+
+def safe_error_response(status: int, exc: BaseException | None) -> web.Response:
+    """A fixed JSON error for a request the HTTP parser (or the server) refused.
+
+    aiohttp's own page quotes the parser's message, which holds up to 100 bytes of
+    the offending header line: the start of a token or key (catalog H-12, H-13).
+    """
+    if isinstance(exc, LineTooLong):
+        status, code, message = _HEADER_TOO_LARGE
+    elif status < 500:
+        _, code, message = _BAD_REQUEST
+    elif status == 500:
+        status, code, message = _SERVER_ERROR
+    else:
+        code, message = "Error", "The service could not answer"
+    body = orjson.dumps({"statusCode": status, "code": code, "message": message})
+    response = web.Response(body=body, status=status, content_type="application/json")
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["x-request-id"] = uuid.uuid4().hex
+    response.force_close()
+    return response
+
+
+class _SafeRequestHandler(RequestHandler):
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # The parent logs the error (through the scrubbing filter) and refuses
+        # when a response was already sent; its body is replaced by ours.
+        super().handle_error(request, status, exc, None)
+        return safe_error_response(status, exc)
+
+
+class _SafeServer(Server):
+    def __call__(self) -> RequestHandler:
+        return _SafeRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class SafeAppRunner(web.AppRunner):
+    """An ``AppRunner`` whose connections answer parser errors with ``safe_error_response``."""
+
+    async def _make_server(self) -> Server:
+        server = await super()._make_server()
+        # aiohttp offers no hook for the handler class; Server has no __slots__,
+        # so the instance it built can take our subclass as it is.
+        server.__class__ = _SafeServer
+        return server
