@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from .access_log import access_log_options
 from .log import app_logger
 from .protocol import SafeAppRunner
 
@@ -52,10 +53,10 @@ async def run_server(
     up to ``SHUTDOWN_TIMEOUT`` to finish, then the app's cleanup runs (background
     tasks, client sessions), so nothing is cancelled half-way or left unclosed.
     """
-    kwargs: dict[str, Any] = {}
+    options = runner_options(max_header_bytes)
     if access_log_class is not None:
-        kwargs["access_log_class"] = access_log_class
-    runner = SafeAppRunner(app, **runner_options(max_header_bytes), **kwargs)
+        options["access_log_class"] = access_log_class
+    runner = SafeAppRunner(app, **options)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=1024)
@@ -81,6 +82,7 @@ def runner_options(max_header_bytes: int) -> dict[str, Any]:
         # Entra tokens of users in many groups exceed aiohttp's 8190-byte default.
         "max_line_size": max_header_bytes,
         "max_field_size": max_header_bytes,
+        **access_log_options(),
     }
 
 
