@@ -106,7 +106,7 @@ def add_docs_routes(app: web.Application, settings: Settings) -> None:
             f"{SWAGGER_UI_DIRECTORY}"
         )
 
-    handlers = (_spec_handler(), _page_handler(), _asset_handler())
+    handlers = (_spec_handler(), _page_handler(), _asset_handler(settings))
     spec, page, asset = (public(h) if settings.docs_public else h for h in handlers)
     app.router.add_get(SPEC_PATH, spec, name="openapi")
     app.router.add_get(DOCS_PATH, page, name="docs")
@@ -143,7 +143,10 @@ def _page_handler() -> Handler:
     return docs_page
 
 
-def _asset_handler() -> Handler:
+def _asset_handler(settings: Settings) -> Handler:
+    # A shared cache may keep the files only when anyone may fetch them.
+    cache_control = "max-age=3600" if settings.docs_public else "private, max-age=3600"
+
     @documented(
         "A file of the docs page",
         tag="docs",
@@ -153,7 +156,7 @@ def _asset_handler() -> Handler:
     )
     async def docs_asset(request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
-        headers = {**_NO_SNIFF, "Cache-Control": "max-age=3600"}
+        headers = {**_NO_SNIFF, "Cache-Control": cache_control}
         if name == _INITIALIZER:
             return web.Response(
                 text=_INITIALIZER_SCRIPT,

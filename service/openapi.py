@@ -31,6 +31,7 @@ __all__ = (
     "OPENAPI_VERSION",
     "READINESS_SCHEMA",
     "SERVICE_ERROR_SCHEMA",
+    "SUBSCRIPTION_KEY_HEADER",
     "SUBSCRIPTION_KEY_SCHEME",
     "NamedSchema",
     "OperationDoc",
@@ -169,9 +170,8 @@ def build_openapi(app: web.Application) -> dict[str, Any]:
 
 def render_openapi(document: Mapping[str, Any]) -> bytes:
     """The stable bytes of a document: sorted keys, two-space indent, final newline."""
-    return orjson.dumps(document, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2) + (
-        b"\n"
-    )
+    options = orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2
+    return orjson.dumps(document, option=options) + b"\n"
 
 
 # -- the document's parts ------------------------------------------------------
@@ -182,7 +182,9 @@ _INFO_DESCRIPTION = (
     "Entra ID access token in `Authorization: Bearer`. Rejections carry a JSON body "
     "`{statusCode, code, message}` whose `code` is stable and documented in "
     "docs/troubleshooting.md; 400, 401 and 403 also carry an RFC 6750 "
-    "`WWW-Authenticate` challenge."
+    "`WWW-Authenticate` challenge. Every response carries `x-request-id`: the "
+    "caller's own id when it sends one matching `[A-Za-z0-9._:-]{1,128}`, else a "
+    "fresh one."
 )
 
 _TAG_DESCRIPTIONS = {
@@ -208,8 +210,6 @@ _STATUS_MEANINGS = {
 }
 
 _RATE_LIMIT_HEADERS = ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset")
-
-_REQUEST_ID_PARAMETER = "RequestId"
 
 
 def _add_components(spec: APISpec, settings: Settings) -> None:
@@ -242,19 +242,6 @@ def _add_components(spec: APISpec, settings: Settings) -> None:
     )
     for name, header in _headers(settings).items():
         components.header(name, header)
-    components.parameter(
-        _REQUEST_ID_PARAMETER,
-        "header",
-        {
-            "name": "x-request-id",
-            "required": False,
-            "description": (
-                "Your correlation id, echoed in the response; a fresh one is made "
-                "when it is absent or malformed"
-            ),
-            "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
-        },
-    )
     for status, name in _STATUS_NAMES.items():
         components.response(name, _auth_error_response(status, settings))
     components.response(
@@ -455,29 +442,16 @@ def _operation(
     settings: Settings,
     pair: Mapping[str, list[str]],
 ) -> dict[str, Any]:
-    parameters: list[Any] = [_REQUEST_ID_PARAMETER, *map(dict, doc.parameters)]
-    declared = {p.get("name") for p in doc.parameters if p.get("in") == "path"}
-    for name in _PATH_PARAMETER.findall(path):
-        # OpenAPI requires every template variable to be declared.
-        if name not in declared:
-            parameters.append(
-                {
-                    "in": "path",
-                    "name": name,
-                    "required": True,
-                    "schema": {"type": "string"},
-                }
-            )
-    operation: dict[str, Any] = {
-        "summary": doc.summary,
-        "tags": [doc.tag],
-        "parameters": parameters,
-    }
+    operation: dict[str, Any] = {"summary": doc.summary, "tags": [doc.tag]}
+    parameters = _parameters(path, doc)
+    if parameters:
+        operation["parameters"] = parameters
     description = doc.description
     responses: dict[str, Any] = {}
+    headers = ["x-request-id"]
+
     if policy.public:
         operation["security"] = []
-        headers = ["x-request-id"]
     else:
         operation["security"] = [dict(pair)]
         roles = settings.required_roles if policy.roles is None else policy.roles
@@ -486,9 +460,9 @@ def _operation(
         operation["x-entra-required-scopes"] = list(scopes)
         requirement = _requirement_text(roles, scopes) or "no app role or scope"
         description = f"{description}\n\nThe token needs {requirement}.".strip()
-        headers = ["x-request-id", *_RATE_LIMIT_HEADERS]
-        for status, name in _STATUS_NAMES.items():
-            responses[str(status)] = name
+        headers.extend(_RATE_LIMIT_HEADERS)
+        responses.update({str(status): ref for status, ref in _STATUS_NAMES.items()})
+
     responses["200"] = _response(doc.success, headers)
     for status, extra in sorted(doc.responses.items()):
         responses[str(status)] = _response(extra, headers)
@@ -497,6 +471,19 @@ def _operation(
         operation["description"] = description
     operation["responses"] = responses
     return operation
+
+
+def _parameters(path: str, doc: OperationDoc) -> list[dict[str, Any]]:
+    parameters = [dict(parameter) for parameter in doc.parameters]
+    declared = {p.get("name") for p in parameters if p.get("in") == "path"}
+    # OpenAPI requires every template variable of the path to be declared.
+    for name in _PATH_PARAMETER.findall(path):
+        if name not in declared:
+            variable = {"type": "string"}
+            parameters.append(
+                {"in": "path", "name": name, "required": True, "schema": variable}
+            )
+    return parameters
 
 
 def _response(doc: ResponseDoc, headers: list[str]) -> dict[str, Any]:

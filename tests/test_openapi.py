@@ -348,7 +348,11 @@ async def test_docs_are_protected_like_any_route_when_docs_public_is_false(
 ) -> None:
     client = await make_client(docs_public=False)
 
-    for path in ("/api/docs/openapi.json", "/api/docs"):
+    for path in (
+        "/api/docs/openapi.json",
+        "/api/docs",
+        "/api/docs/assets/swagger-ui.css",
+    ):
         refused = await client.get(path)
         body = await refused.json()
         assert refused.status == 401, path
