@@ -9,7 +9,6 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import create_app
 from service.idp import LocalIdentityProvider
 from service.metrics import METRICS_REGISTRY, RATE_LIMIT_CODES
 from service.settings import Settings, SettingsError
@@ -388,11 +387,3 @@ def test_malformed_metrics_settings_are_refused_by_name(
         Settings.from_env(_env(settings, **values))
     assert caught.value.name == next(iter(values))
     assert problem in str(caught.value)
-
-
-def test_an_app_with_a_metrics_port_registers_before_serving(
-    settings: Settings,
-) -> None:
-    # The registry exists from create_app on, for others to add collectors.
-    app = create_app(settings.with_changes(metrics_port=9100))
-    assert app[METRICS_REGISTRY] is not None

@@ -27,11 +27,11 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]  # TODO(types-PyYAML in test extras)
 
 from service.idp import LocalIdentityProvider, Outage, OutageMode
 from service.jwks import JwksCache, JwksPolicy
@@ -55,7 +55,7 @@ COMPOSE_HOSTS = {
 }
 
 
-def _unavailable(reason: str) -> None:
+def _unavailable(reason: str) -> NoReturn:
     """Skip with the reason; in CI, where everything is installed, fail instead."""
     if IN_CI:
         pytest.fail(reason)
@@ -433,7 +433,7 @@ def _ready(stack_env: Mapping[str, str], port: int) -> bool:
 def _start_nginx(
     workdir: Path, replica_ports: tuple[int, int], lb_port: int
 ) -> _Process | None:
-    nginx = shutil.which("nginx") or shutil.which("/usr/sbin/nginx")
+    nginx = _nginx()
     if nginx is None:
         return None
     text = NGINX_CONF.read_text(encoding="utf-8")
@@ -446,6 +446,11 @@ def _start_nginx(
     config.write_text(text, encoding="utf-8")
     argv = [nginx, "-e", "stderr", "-p", str(workdir), "-c", str(config)]
     return _start("lb", [*argv, "-g", "daemon off;"], os.environ, workdir)
+
+
+def _nginx() -> str | None:
+    # /usr/sbin is not on every user's PATH.
+    return shutil.which("nginx") or shutil.which("/usr/sbin/nginx")
 
 
 def _listening(port: int) -> bool:
@@ -463,7 +468,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     idp_port, lb_port = _free_port(), _free_port()
     replica_ports = (_free_port(), _free_port())
     metrics_ports = (_free_port(), _free_port())
-    with_lb = shutil.which("nginx") is not None
+    with_lb = _nginx() is not None
     lb_url = f"http://127.0.0.1:{lb_port}" if with_lb else None
     mapping = {
         old: new.format(idp_port=idp_port, lb_url=lb_url or "http://localhost:8080")
@@ -505,6 +510,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
         api_request = _parse_api_curl(init.stdout)
 
+        # Counters of earlier runs in the same Redis must not count here.
+        prefix = f"stack-test-{uuid.uuid4().hex[:12]}"
         replica_env: dict[str, str] = {}
         for index, name in enumerate(("api1", "api2")):
             env, _ = env_of(name)
@@ -512,13 +519,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 HOST="127.0.0.1",
                 PORT=str(replica_ports[index]),
                 METRICS_PORT=str(metrics_ports[index]),
-                # Counters of earlier runs in the same Redis must not count here.
-                CACHE_KEY_PREFIX=f"stack-test-{uuid.uuid4().hex[:12]}",
+                CACHE_KEY_PREFIX=prefix,
             )
-            if index == 0:
-                replica_env = env
-            else:
-                env["CACHE_KEY_PREFIX"] = replica_env["CACHE_KEY_PREFIX"]
+            replica_env = env
             processes.append(
                 _start(name, _python(_dockerfile_json("CMD")), env, workdir)
             )
@@ -545,7 +548,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             replica_env=replica_env,
             processes=processes,
         )
-    except BaseException:
+    except Exception:
         for process in processes:
             sys.stderr.write(f"--- {process.name} ---\n{process.output()[-4000:]}\n")
         raise
