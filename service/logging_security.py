@@ -69,21 +69,14 @@ _CREDENTIAL_NAMES = frozenset(
         "private-key",
     }
 )
-_CREDENTIAL_NAME_PARTS = (
-    "token",
-    "secret",
-    "password",
-    "passwd",
-    "authorization",
-    "apikey",
-    "api-key",
-    "subscription-key",
+_CREDENTIAL_NAME_PART = re.compile(
+    "token|secret|password|passwd|authorization|apikey|api-key|subscription-key"
 )
 # Private members of a JWK (RFC 7518 §6.3.2, §6.4.1); "oth" holds more primes.
 _JWK_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "k", "oth"})
 # Values of these names are guessable (passwords, cookies), so a hash of them
 # would let a reader test candidates; they get the bare marker.
-_UNCORRELATED_NAME_PARTS = ("password", "passwd", "secret", "cookie", "private")
+_UNCORRELATED_NAME_PART = re.compile("(?i)password|passwd|secret|cookie|private")
 
 
 def fingerprint(value: str | bytes) -> str:
@@ -96,7 +89,7 @@ def fingerprint(value: str | bytes) -> str:
 def is_credential_name(name: str) -> bool:
     """Whether a field, header or key called ``name`` holds a credential."""
     key = name.lower().replace("_", "-")
-    return key in _CREDENTIAL_NAMES or any(p in key for p in _CREDENTIAL_NAME_PARTS)
+    return key in _CREDENTIAL_NAMES or _CREDENTIAL_NAME_PART.search(key) is not None
 
 
 def extra_fields(record: logging.LogRecord) -> dict[str, object]:
@@ -226,8 +219,7 @@ def _marker(value: str, *, correlate: bool) -> str:
 
 
 def _correlates(name: str) -> bool:
-    key = name.lower()
-    return not any(part in key for part in _UNCORRELATED_NAME_PARTS)
+    return _UNCORRELATED_NAME_PART.search(name) is None
 
 
 def _keeps_value(name: str, value: str) -> bool:
@@ -324,43 +316,54 @@ def _replace_pem(match: re.Match[str]) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Rule:
-    """A value pattern, its replacement, and the substrings it cannot match without.
+    """A value pattern, its replacement, and what text it can possibly match.
 
-    The triggers are lower case; a rule is skipped when none occurs in the
-    lower-cased text, which keeps ordinary records cheap.
+    A rule is skipped when the lower-cased text holds none of its triggers or is
+    shorter than its shortest match, which keeps ordinary records cheap.
     """
 
     pattern: re.Pattern[str]
-    triggers: tuple[str, ...]
+    triggers: re.Pattern[str]
     replace: Callable[[re.Match[str]], str]
+    min_length: int = 0
 
     def apply(self, text: str, folded: str) -> str:
-        if not any(trigger in folded for trigger in self.triggers):
+        if len(text) < self.min_length or not self.triggers.search(folded):
             return text
         return self.pattern.sub(self.replace, text)
+
+
+def _rule(
+    pattern: re.Pattern[str],
+    triggers: Iterable[str],
+    replace: Callable[[re.Match[str]], str],
+    min_length: int = 0,
+) -> _Rule:
+    found = re.compile("|".join(re.escape(trigger) for trigger in triggers))
+    return _Rule(pattern, found, replace, min_length)
 
 
 # Order matters: whole fields first (they keep a scheme word and fingerprint the
 # credential), then query strings, then bare tokens, then scheme words anywhere,
 # then whatever long opaque run is left.
 _RULES = (
-    _Rule(_PEM_PRIVATE_KEY, ("private key-----",), _replace_pem),
-    _Rule(_URL_USERINFO, ("://",), _replace_userinfo),
-    _Rule(_QUOTED_FIELD, ("'", '"'), _replace_quoted_field),
-    _Rule(_HEADER_LINE, ("authorization", "cookie"), _replace_named),
-    _Rule(
+    _rule(_PEM_PRIVATE_KEY, ["private key-----"], _replace_pem),
+    _rule(_URL_USERINFO, ["://"], _replace_userinfo),
+    _rule(_QUOTED_FIELD, ["'", '"'], _replace_quoted_field),
+    _rule(_HEADER_LINE, ["authorization", "cookie"], _replace_named),
+    _rule(
         _NAMED_FIELD,
-        ("key", "token", "secret", "assertion", "pass", "signature"),
+        ["key", "token", "secret", "assertion", "pass", "signature"],
         _replace_named,
     ),
-    _Rule(_QUERY_CREDENTIAL, ("=", "%3d"), _replace_named),
-    _Rule(_JWT_LENIENT, ("eyj",), _replace_jwt),
-    _Rule(
+    _rule(_QUERY_CREDENTIAL, ["=", "%3d"], _replace_named),
+    _rule(_JWT_LENIENT, ["eyj"], _replace_jwt, min_length=19),
+    _rule(
         _SCHEME_CREDENTIAL,
-        ("bearer", "basic", "negotiate", "token"),
+        ["bearer", "basic", "negotiate", "token"],
         _replace_scheme_credential,
     ),
-    _Rule(_OPAQUE_RUN, ("",), _replace_opaque_run),
+    _rule(_OPAQUE_RUN, [""], _replace_opaque_run, min_length=64),
 )
 
 
@@ -396,6 +399,7 @@ class Scrubber:
             self._secrets = tuple(sorted(known, key=len, reverse=True))
 
     def remove_secret(self, value: str | bytes) -> None:
+        """Stop replacing ``value``; patterns still apply to it."""
         spellings = _spellings(value)
         with self._lock:
             self._secrets = tuple(s for s in self._secrets if s not in spellings)
