@@ -23,6 +23,7 @@ from .jose_backend import JoseBackendError
 from .keys_cli import add_keys_parser
 from .keystore import KeyStoreError, KeyStoreFile
 from .log import configure_logging
+from .logging_security import register_secret
 from .openapi import build_openapi, render_openapi
 from .server import install_event_loop_policy, run_server, run_workers
 from .settings import Settings, SettingsError, load_env_file
@@ -167,6 +168,8 @@ async def _run_dev(env: dict[str, str], workdir: Path, loop_name: str) -> None:
     try:
         keys_file = workdir / "keys.json"
         keys = KeyStoreFile(keys_file).add("dev", "dev")
+        register_secret(keys.primary)
+        register_secret(keys.secondary)
         # Every other setting (roles, caches, limits) is honoured as given.
         env |= {
             "ENTRA_TENANT_ID": idp.tenant_id,

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
 from .log import idp_logger
+from .logging_security import register_secret
 
 __all__ = (
     "DEFAULT_APP_ID",
@@ -429,6 +430,8 @@ class LocalIdentityProvider:
         client = RegisteredClient(client_id, str(uuid.uuid4()), granted)
         self._clients[client_id] = client
         self._secret_digests[client_id] = _digest(secret)
+        # Known to the log filter by value, wherever it might surface.
+        register_secret(secret)
         return client
 
     # Keys
