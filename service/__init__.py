@@ -1,4 +1,4 @@
-"""rag-api-core: an aiohttp front door for APIM subscription keys and Entra ID tokens."""
+"""rag-api-core: an aiohttp front door for APIM keys and Entra ID tokens."""
 
 __all__ = ("__version__",)
 

@@ -1,8 +1,9 @@
-"""Error pages for requests aiohttp refuses before any handler runs, without echoing them."""
+"""Error pages for requests aiohttp refuses before a handler runs, never echoed."""
 
 from __future__ import annotations
 
 import uuid
+
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
@@ -63,7 +64,7 @@ class _SafeServer(Server):
 
 
 class SafeAppRunner(web.AppRunner):
-    """An ``AppRunner`` whose connections answer parser errors with ``safe_error_response``."""
+    """An ``AppRunner`` whose connections answer parser errors safely."""
 
     async def _make_server(self) -> Server:
         server = await super()._make_server()

@@ -1,4 +1,4 @@
-"""The verified-token cache: tokens that passed every check, bounded and expiring at ``exp``."""
+"""The verified-token cache: tokens that passed the checks, bounded by size and exp."""
 
 from __future__ import annotations
 

@@ -15,10 +15,11 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import ClientResponse, web
@@ -32,6 +33,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 from service.app import create_app
 from service.appkeys import JWKS
 from service.idp import FOREIGN_TENANT_ID, LocalIdentityProvider
+from service.keystore import KeyStoreFile
 from service.policy import requires
 from service.server import runner_options
 from tests.conftest import (
@@ -41,6 +43,7 @@ from tests.conftest import (
     auth_headers,
     settings_for,
 )
+from tests.raw_http import LiveService
 from validators import AuthContext, BearerTokenValidator, TokenInvalid
 
 REALM = 'Bearer realm="rag-api"'
@@ -219,13 +222,14 @@ async def make_client(
 class Api:
     """The running app with a warm key cache, and what the IdP has served so far."""
 
-    client: AppClient
+    get: Callable[..., Awaitable[ClientResponse]]
     idp: LocalIdentityProvider
     key: str
     forge: Forge
+    refresh: Callable[[], Awaitable[bool]]
 
     async def send(self, token: str, path: str = "/api/v2/health") -> ClientResponse:
-        return await self.client.get(path, headers=auth_headers(token, self.key))
+        return await self.get(path, headers=auth_headers(token, self.key))
 
     @property
     def fetches(self) -> int:
@@ -235,22 +239,57 @@ class Api:
         assert (await self.send(self.idp.mint_token())).status == 200
 
 
-async def _warm(
+def _client_api(
     client: AppClient, idp: LocalIdentityProvider, key: str, attacker: Attacker
 ) -> Api:
-    api = Api(client, idp, key, Forge(idp, attacker))
-    await api.assert_still_admits()
-    return api
+    return Api(client.get, idp, key, Forge(idp, attacker), client.app[JWKS].refresh_now)
+
+
+@dataclass(frozen=True)
+class SharedService:
+    service: LiveService
+    key: str
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedService]:
+    """One service for the cases that change nothing in it: a fresh app and IdP
+    per case would spend most of this file's time generating RSA keys."""
+    store = KeyStoreFile(tmp_path_factory.mktemp("attacks") / "keys.json")
+    issued = store.add("contoso", "starter")
+    service = LiveService(store.path, settings_for).start()
+    try:
+        yield SharedService(service, issued.primary)
+    finally:
+        service.stop()
 
 
 @pytest_asyncio.fixture
-async def api(
+async def api(shared: SharedService, attacker: Attacker) -> AsyncIterator[Api]:
+    service = shared.service
+    jwks = service.app[JWKS]
+
+    async def refresh() -> bool:
+        return await service.call(jwks.refresh_now)
+
+    async with aiohttp.ClientSession(base_url=service.url) as session:
+        idp = service.idp
+        api = Api(session.get, idp, shared.key, Forge(idp, attacker), refresh)
+        await api.assert_still_admits()
+        yield api
+
+
+@pytest_asyncio.fixture
+async def fresh_api(
     client: AppClient,
     idp: LocalIdentityProvider,
     key_store: Credentials,
     attacker: Attacker,
 ) -> Api:
-    return await _warm(client, idp, key_store.primary, attacker)
+    """An app of its own, for cases that rotate keys or plant a key set."""
+    api = _client_api(client, idp, key_store.primary, attacker)
+    await api.assert_still_admits()
+    return api
 
 
 @pytest.fixture(autouse=True)
@@ -258,9 +297,11 @@ def _no_unhandled_path(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """A 401 produced by the middleware's catch-all still hides a crash: fail on it."""
     caplog.set_level(logging.WARNING)
     yield
+    # caplog.records would hold the teardown phase's records only.
+    records = [*caplog.get_records("setup"), *caplog.get_records("call")]
     crashes = [
         record
-        for record in caplog.records
+        for record in records
         if record.getMessage() in _CRASH_MESSAGES or record.name == "aiohttp.server"
     ]
     assert not crashes, [record.getMessage() for record in crashes]
@@ -821,11 +862,12 @@ PLANTED_KEY_ATTACKS = [
 
 @pytest.mark.parametrize(("build", "code"), PLANTED_KEY_ATTACKS)
 async def test_key_the_jwks_publishes_but_must_not_be_used_never_verifies(
-    api: Api, build: Build, code: str
+    fresh_api: Api, build: Build, code: str
 ) -> None:
+    api = fresh_api
     document = _planted_jwks(api.forge)
     api.idp.set_outage("body", body=_json(document), endpoints=("jwks",))
-    assert await api.client.app[JWKS].refresh_now()
+    assert await api.refresh()
 
     await _refused(api, build(api.forge), code, fetch_allowed=True)
     await api.assert_still_admits()
@@ -840,12 +882,13 @@ async def test_token_without_kid_is_refused_rather_than_tried_on_every_key(
 
 
 async def test_token_claiming_one_kid_but_signed_by_another_is_refused(
-    api: Api,
+    fresh_api: Api,
 ) -> None:
+    api = fresh_api
     # J-13b: both keys are published; the kid picks k1, so k2's signature fails.
     first = api.idp.current_kid
     second = api.idp.rotate_key()
-    assert await api.client.app[JWKS].refresh_now()
+    assert await api.refresh()
     token = api.idp.mint_token(kid=second, header={"kid": first})
     await _refused(api, token, "TokenSignatureInvalid")
 
@@ -891,6 +934,14 @@ def _unused_bit_token(f: Forge) -> str:
             if len(head) % 4 and len(body) % 4:
                 return token
     raise AssertionError("no padding made both segments uneven")
+
+
+def _with_member(f: Forge, member: bytes) -> bytes:
+    """Valid claims plus one raw ``"name":value`` member, replacing any of that name."""
+    name = json.loads(b"{" + member + b"}").popitem()[0]
+    claims = f.claims()
+    claims.pop(name, None)
+    return _json(claims)[:-1] + b"," + member + b"}"
 
 
 def _nested(depth: int) -> bytes:
@@ -1077,11 +1128,11 @@ PAYLOAD_ATTACKS = [
         id="J-16-payload-minus-Infinity-RFC8259-6",
     ),
     pytest.param(
-        lambda f: f.by_idp(payload=_json(f.claims())[:-1] + b',"sub":"\\ud800"}'),
+        lambda f: f.by_idp(payload=_with_member(f, b'"name":"\\ud800"')),
         id="J-16-payload-lone-surrogate-sub-RFC7493-2.1",
     ),
     pytest.param(
-        lambda f: f.by_idp(payload=_json(f.claims())[:-1] + b',"roles":["\\udfff"]}'),
+        lambda f: f.by_idp(payload=_with_member(f, b'"groups":["\\udfff"]')),
         id="J-16-payload-lone-surrogate-in-array-RFC7493-2.1",
     ),
     pytest.param(
@@ -1124,8 +1175,7 @@ async def test_signed_payload_that_is_not_a_plain_claims_object_is_refused(
 
 async def test_lone_surrogate_claim_never_reaches_a_response(api: Api) -> None:
     # J-16 / L-10: a claim that cannot be encoded as UTF-8 must not reach /whoami.
-    raw = _json(api.forge.claims())[:-1] + b',"sub":"\\udcff"}'
-    token = api.forge.by_idp(payload=raw)
+    token = api.forge.by_idp(payload=_with_member(api.forge, b'"sub":"\\udcff"'))
     response = await api.send(token, "/api/v2/whoami")
     await _expect_rejection(response, 401, "TokenInvalid", "invalid_token")
 
@@ -1145,7 +1195,7 @@ async def _frozen_api(
     clock: Callable[[], float] = lambda: T,
 ) -> Api:
     client = await make_client(clock_skew_seconds=leeway, app_kwargs={"clock": clock})
-    api = Api(client, idp, key_store.primary, Forge(idp, attacker))
+    api = _client_api(client, idp, key_store.primary, attacker)
     assert (await api.send(_timed(api.forge))).status == 200
     return api
 
@@ -1606,7 +1656,7 @@ async def test_delegated_scope_matches_whole_space_separated_names(
     status: int,
 ) -> None:
     client = await make_client(required_roles=(), required_scopes=("Data.Read",))
-    api = Api(client, idp, key_store.primary, Forge(idp, attacker))
+    api = _client_api(client, idp, key_store.primary, attacker)
     claims = api.forge.claims(idtyp="user")
     claims.pop("roles", None)
     if scp is not None:

@@ -138,7 +138,13 @@ async def test_delegated_scope_does_not_admit_when_only_roles_are_configured(
 
 @pytest.mark.parametrize(
     "roles",
-    ["Api.Access", ["api.access"], ["Api.Access "], [["Api.Access"]], ["NotApi.Access"]],
+    [
+        "Api.Access",
+        ["api.access"],
+        ["Api.Access "],
+        [["Api.Access"]],
+        ["NotApi.Access"],
+    ],
     ids=["string", "other-case", "trailing-space", "nested", "superstring"],
 )
 async def test_roles_match_exact_strings_of_an_array(
@@ -218,7 +224,9 @@ async def test_regenerated_key_replaces_the_old_one_without_restart(
     assert isinstance(watcher, KeyStoreWatcher)
     watcher.reload_now()
     token = idp.mint_token()
-    old = await client.get("/api/v2/health", headers=auth_headers(token, key_store.primary))
+    old = await client.get(
+        "/api/v2/health", headers=auth_headers(token, key_store.primary)
+    )
     new = await client.get("/api/v2/health", headers=auth_headers(token, new_key))
     assert old.status == 401
     assert new.status == 200
@@ -251,7 +259,9 @@ async def test_extra_validator_from_the_factory_runs_after_the_built_ins(
         "/api/v2/health", headers=auth_headers(idp.mint_token(), key_store.primary)
     )
     assert response.status == 403
-    assert (await response.json())["message"] == "This client application is not allowed"
+    assert (await response.json())[
+        "message"
+    ] == "This client application is not allowed"
 
 
 async def test_extra_validator_from_a_dotted_path_is_loaded(

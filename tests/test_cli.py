@@ -22,12 +22,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _env(**values: str) -> dict[str, str]:
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("ENTRA_", "APIM_"))}
+    keep = {
+        k: v for k, v in os.environ.items() if not k.startswith(("ENTRA_", "APIM_"))
+    }
     keep.update(values)
     return keep
 
 
-def _run(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def _run(
+    *args: str, env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(  # noqa: S603
         [sys.executable, "-m", "service", *args],
         cwd=ROOT,
@@ -56,13 +60,27 @@ def _service_env(idp: LocalIdentityProvider, keys_file: Path) -> dict[str, str]:
         ({"ENTRA_TENANT_ID": "not-a-guid"}, "ENTRA_TENANT_ID"),
         ({"ENTRA_AUDIENCES": ""}, "ENTRA_AUDIENCES"),
         ({"ENTRA_CLOCK_SKEW_SECONDS": "soon"}, "ENTRA_CLOCK_SKEW_SECONDS"),
-        ({"ENTRA_OPENID_CONFIG_URL": "http://idp.example/x"}, "ENTRA_OPENID_CONFIG_URL"),
+        (
+            {"ENTRA_OPENID_CONFIG_URL": "http://idp.example/x"},
+            "ENTRA_OPENID_CONFIG_URL",
+        ),
         ({"PORT": "99999"}, "PORT"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
-        ({"APIM_SUBSCRIPTION_KEYS_FILE": "/nonexistent/keys.json"}, "APIM_SUBSCRIPTION_KEYS_FILE"),
+        (
+            {"APIM_SUBSCRIPTION_KEYS_FILE": "/nonexistent/keys.json"},
+            "APIM_SUBSCRIPTION_KEYS_FILE",
+        ),
     ],
-    ids=["tenant-missing", "tenant-not-guid", "audiences-empty", "skew-not-number",
-         "discovery-plain-http", "port-out-of-range", "log-level", "keys-file-missing"],
+    ids=[
+        "tenant-missing",
+        "tenant-not-guid",
+        "audiences-empty",
+        "skew-not-number",
+        "discovery-plain-http",
+        "port-out-of-range",
+        "log-level",
+        "keys-file-missing",
+    ],
 )
 def test_bad_setting_stops_serve_with_a_message_naming_it(
     changes: dict[str, str], named: str, tmp_path: Path, key_store: Credentials
@@ -109,7 +127,9 @@ async def test_check_config_probes_discovery_and_keys(
     assert idp.hits["jwks"] == 1
 
 
-async def _run_async(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+async def _run_async(
+    *args: str, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
     import asyncio
 
     return await asyncio.to_thread(_run, *args, env=env)
@@ -118,8 +138,16 @@ async def _run_async(*args: str, env: dict[str, str]) -> subprocess.CompletedPro
 def test_keys_add_json_prints_both_keys_once(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys.json"
     result = _run(
-        "keys", "add", "--file", str(keys_file), "--name", "app", "--product", "p",
-        "--json", env=_env(),
+        "keys",
+        "add",
+        "--file",
+        str(keys_file),
+        "--name",
+        "app",
+        "--product",
+        "p",
+        "--json",
+        env=_env(),
     )
     printed = json.loads(result.stdout)
     assert result.returncode == 0
@@ -132,7 +160,7 @@ def test_keys_add_json_prints_both_keys_once(tmp_path: Path) -> None:
 @pytest.fixture
 def dev_server() -> Iterator[subprocess.Popen[str]]:
     env = _env(PORT="0", LOG_LEVEL="INFO")
-    process = subprocess.Popen(  # noqa: S603
+    process = subprocess.Popen(
         [sys.executable, "-m", "service", "serve", "--dev", "--port", "0"],
         cwd=ROOT,
         env=env,
@@ -186,7 +214,7 @@ def test_serve_dev_prints_a_curl_command_that_works_as_printed(
 
 
 def test_idp_command_serves_until_sigterm_and_exits_cleanly() -> None:
-    with subprocess.Popen(  # noqa: S603
+    with subprocess.Popen(
         [sys.executable, "-m", "service", "idp", "--port", "0"],
         cwd=ROOT,
         env=_env(),

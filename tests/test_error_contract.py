@@ -122,13 +122,18 @@ async def test_two_subscription_key_headers_are_an_invalid_request(
 
 @pytest.mark.parametrize("parameter", ["subscription-key", "access_token"])
 async def test_credentials_in_the_query_are_refused(
-    client: AppClient, idp: LocalIdentityProvider, key_store: Credentials, parameter: str
+    client: AppClient,
+    idp: LocalIdentityProvider,
+    key_store: Credentials,
+    parameter: str,
 ) -> None:
     headers = auth_headers(idp.mint_token(), key_store.primary)
     response = await client.get(
         "/api/v2/health", params={parameter: "x"}, headers=headers
     )
-    body = await _assert_rejected(response, 400, "CredentialsInQuery", "invalid_request")
+    body = await _assert_rejected(
+        response, 400, "CredentialsInQuery", "invalid_request"
+    )
     assert "header" in body["message"]
 
 
@@ -140,10 +145,22 @@ _TOKEN_CASES: list[tuple[str, dict[str, Any], str]] = [
         "TokenNotYetValid",
     ),
     ("no-exp", {"drop": ["exp"]}, "TokenClaimInvalid"),
-    ("exp-as-string", {"claims": {"exp": str(int(time.time()) + 600)}}, "TokenClaimInvalid"),
-    ("wrong-audience", {"claims": {"aud": "api://someone-else"}}, "TokenAudienceNotAllowed"),
+    (
+        "exp-as-string",
+        {"claims": {"exp": str(int(time.time()) + 600)}},
+        "TokenClaimInvalid",
+    ),
+    (
+        "wrong-audience",
+        {"claims": {"aud": "api://someone-else"}},
+        "TokenAudienceNotAllowed",
+    ),
     ("no-audience", {"drop": ["aud"]}, "TokenAudienceNotAllowed"),
-    ("wrong-issuer", {"claims": {"iss": "https://evil.example/v2.0"}}, "TokenIssuerNotAllowed"),
+    (
+        "wrong-issuer",
+        {"claims": {"iss": "https://evil.example/v2.0"}},
+        "TokenIssuerNotAllowed",
+    ),
     (
         "other-tenant",
         {"claims": {"tid": "11111111-2222-3333-4444-555555555555"}},

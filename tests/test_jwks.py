@@ -1,4 +1,4 @@
-"""The key cache against a real local identity provider: single flight, rotation, LKG."""
+"""The key cache against a real local identity provider: single flight, rotation."""
 
 from __future__ import annotations
 
@@ -85,8 +85,16 @@ async def test_removed_kid_stops_validating_after_the_next_refresh(
 
 @pytest.mark.parametrize(
     "mode",
-    ["error", "refuse", "empty_keys", "html", "invalid_json", "foreign_issuer",
-     "oversized", "redirect"],
+    [
+        "error",
+        "refuse",
+        "empty_keys",
+        "html",
+        "invalid_json",
+        "foreign_issuer",
+        "oversized",
+        "redirect",
+    ],
 )
 async def test_failed_refresh_keeps_the_last_known_good_keys(
     client: AppClient, idp: LocalIdentityProvider, key_store: Credentials, mode: str

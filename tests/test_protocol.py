@@ -1,4 +1,4 @@
-"""Requests the HTTP parser refuses: a fixed JSON error, never an echo of the request."""
+"""Requests the HTTP parser refuses: a fixed JSON error, never an echo of them."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from collections.abc import AsyncIterator
 import pytest_asyncio
 from aiohttp import web
 
+from service.idp import LocalIdentityProvider
 from service.protocol import SafeAppRunner
 from service.server import runner_options
-
-SECRET = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJjYW5hcnkifQ.c2lnbmF0dXJlLWNhbmFyeQ"
 
 
 async def _ok(request: web.Request) -> web.Response:
@@ -47,10 +46,11 @@ async def _raw(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
 
 
 async def test_control_character_in_authorization_gets_400_without_the_header(
-    port: int,
+    port: int, idp: LocalIdentityProvider
 ) -> None:
+    token = idp.mint_token()
     request = (
-        f"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {SECRET}\x01\r\n\r\n"
+        f"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\x01\r\n\r\n"
     ).encode()
     status, headers, body = await _raw(port, request)
     assert status == 400
@@ -60,7 +60,7 @@ async def test_control_character_in_authorization_gets_400_without_the_header(
         "message": "The request is not valid HTTP",
     }
     assert headers["Cache-Control"] == "no-store"
-    assert SECRET[:20].encode() not in body
+    assert token.split(".")[1][:24].encode() not in body
 
 
 async def test_header_over_the_limit_gets_431_without_the_header(port: int) -> None:
@@ -74,7 +74,9 @@ async def test_header_over_the_limit_gets_431_without_the_header(port: int) -> N
 
 async def test_header_within_the_raised_limit_is_served(port: int) -> None:
     large = "A" * 12000
-    request = f"GET / HTTP/1.1\r\nHost: x\r\nX-Large: {large}\r\nConnection: close\r\n\r\n"
+    request = (
+        f"GET / HTTP/1.1\r\nHost: x\r\nX-Large: {large}\r\nConnection: close\r\n\r\n"
+    )
     status, _, body = await _raw(port, request.encode())
     assert status == 200
     assert body == b"ok"

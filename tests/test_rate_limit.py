@@ -415,8 +415,16 @@ async def prefix() -> AsyncIterator[str]:
 
 async def _replicas(make_client: MakeClient, prefix: str, **changes: Any) -> Any:
     url = "redis://127.0.0.1:6379/0"
+    # Roomy timeouts: these tests are about counting, and on a loaded machine a
+    # slow reply would (rightly) be counted locally instead.
     return [
-        await make_client(cache_url=url, cache_key_prefix=prefix, **changes)
+        await make_client(
+            cache_url=url,
+            cache_key_prefix=prefix,
+            cache_timeout_seconds=2.0,
+            cache_connect_timeout_seconds=2.0,
+            **changes,
+        )
         for _ in range(2)
     ]
 
@@ -435,6 +443,11 @@ async def test_two_replicas_on_redis_admit_exactly_the_limit_under_concurrency(
         *(_call(first if n % 2 else second, token, key) for n in range(30))
     )
 
+    # Every call was counted in Redis: no replica fell back to its own count.
+    assert [c.app[RATE_LIMITER].status()["local_hits"] for c in (first, second)] == [
+        0,
+        0,
+    ]
     statuses = sorted(r.status for r in responses)
     assert statuses == [200] * 10 + [429] * 20
     remaining = sorted(_usage(r)[1] for r in responses if r.status == 200)

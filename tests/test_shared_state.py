@@ -19,7 +19,7 @@ from service.appkeys import JWKS
 from service.idp import LocalIdentityProvider
 from service.keystore import KeyStoreFile, SubscriptionState, load_store
 from service.settings import Settings, SettingsError
-from service.shared_store import CacheUrl, CacheUrlError
+from service.shared_store import CacheUrl, CacheUrlError, CircuitBreaker
 from tests.conftest import AppClient, Credentials, MakeClient, auth_headers
 from tests.redis_proxy import (
     ProxyMode,
@@ -115,6 +115,89 @@ def test_malformed_cache_url_setting_names_the_variable_not_the_password() -> No
     assert "hunter2" not in str(caught.value)
 
 
+# -- the circuit breaker -----------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_breaker_opens_only_after_failures_in_a_row() -> None:
+    breaker = CircuitBreaker(failure_threshold=3, monotonic=_Clock())
+    breaker.failed("Redis did not answer in time (TimeoutError)")
+    breaker.failed("Redis did not answer in time (TimeoutError)")
+    breaker.succeeded()
+    breaker.failed("Redis did not answer in time (TimeoutError)")
+    breaker.failed("Redis did not answer in time (TimeoutError)")
+    assert breaker.state == "closed"
+    assert breaker.allow()
+
+    breaker.failed("Redis did not answer in time (TimeoutError)")
+
+    assert breaker.state == "open"
+    assert not breaker.allow()
+    assert breaker.status()["reason"] == "Redis did not answer in time (TimeoutError)"
+
+
+def test_open_breaker_lets_one_probe_through_after_the_backoff() -> None:
+    clock = _Clock()
+    breaker = CircuitBreaker(
+        failure_threshold=1, backoff_initial=1.0, backoff_max=8.0, monotonic=clock
+    )
+    breaker.failed("Redis is unreachable (ConnectionError)")
+    assert not breaker.allow()
+    clock.now += 1.0
+
+    assert breaker.allow()
+    assert breaker.state == "half-open"
+    assert not breaker.allow()
+    breaker.failed("Redis is unreachable (ConnectionError)")
+    clock.now += 0.9
+    # The delay doubled (2 s, jittered down to no less than half).
+    assert not breaker.allow()
+    clock.now += 1.1
+    assert breaker.allow()
+    breaker.succeeded()
+    assert breaker.state == "closed"
+    assert breaker.allow()
+
+
+def test_backoff_stops_growing_at_its_maximum() -> None:
+    clock = _Clock()
+    breaker = CircuitBreaker(
+        failure_threshold=1, backoff_initial=1.0, backoff_max=4.0, monotonic=clock
+    )
+    for _ in range(20):
+        breaker.failed("Redis is unreachable (ConnectionError)")
+        clock.now += 4.0
+        assert breaker.allow()
+
+    assert breaker.status()["consecutive_failures"] == 20
+
+
+def test_breaker_warns_once_per_outage(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    clock = _Clock()
+    breaker = CircuitBreaker(failure_threshold=1, monotonic=clock)
+    for _outage in range(2):
+        for _ in range(5):
+            clock.now += 60
+            assert breaker.allow()
+            breaker.failed("Redis is unreachable (ConnectionError)")
+        clock.now += 60
+        assert breaker.allow()
+        breaker.succeeded()
+
+    warnings = [r for r in caplog.records if r.msg == "shared_store.unavailable"]
+    recoveries = [r for r in caplog.records if r.msg == "shared_store.recovered"]
+    assert [r.levelno for r in warnings] == [logging.WARNING, logging.WARNING]
+    assert len(recoveries) == 2
+
+
 # -- fixtures and helpers for the Redis tests --------------------------------------
 
 
@@ -180,7 +263,10 @@ async def _replica(
         cache_url=changes.pop("cache_url", REDIS_URL),
         cache_key_prefix=prefix,
         subscription_sync_seconds=0.1,
-        **changes,
+        # Roomier than production's 0.25 s: on a loaded test machine a slow
+        # reply must not pass for an outage. Outages here are real ones.
+        **{"cache_timeout_seconds": 0.5, "cache_connect_timeout_seconds": 0.5}
+        | changes,
     )
     return client
 
@@ -269,11 +355,10 @@ async def test_replica_started_with_an_older_file_adopts_the_fleets_revocation(
     tmp_path: Path,
 ) -> None:
     stale_file = _replica_file(key_store, tmp_path, "stale")
-    spare = key_store.store.add("spare", "starter").primary
     first = await _replica(make_client, prefix)
     token = idp.mint_token()
     key_store.store.suspend(key_store.name)
-    await _eventually(lambda: _published_at_least(first, token, spare, 2))
+    await _eventually(lambda: _shared_state_says(prefix, key_store.name, "suspended"))
 
     late = await _replica(make_client, prefix, stale_file)
 
@@ -282,11 +367,16 @@ async def test_replica_started_with_an_older_file_adopts_the_fleets_revocation(
     await _assert_key_refused(await _get(first, token, key_store.primary))
 
 
-async def _published_at_least(
-    client: AppClient, token: str, key: str, count: int
-) -> bool:
-    body = await _health(client, token, key)
-    return bool(body["sharedStore"]["subscriptions"]["published"] >= count)
+async def _shared_state_says(prefix: str, name: str, state: str) -> bool:
+    client = redis_client()
+    try:
+        document = await client.hget(f"{prefix}:rag-api:subscriptions:state", "doc")
+    finally:
+        await client.aclose()
+    if not isinstance(document, bytes):
+        return False
+    entries = orjson.loads(document)["subscriptions"]
+    return any(e["name"] == name and e["state"] == state for e in entries)
 
 
 async def _write_shared_state(
@@ -522,6 +612,8 @@ async def test_redis_holds_no_raw_key_token_or_address(
     prefix: str,
 ) -> None:
     metered = key_store.store.add("metered", "starter", rate_limit=RateLimit(5, 60))
+    # Health is polled with a key of its own, so the polls count against no limit.
+    observer = key_store.store.add("observer", "starter").primary
     first = await _replica(make_client, prefix, auth_failure_limit=RateLimit(3, 60))
     second = await _replica(make_client, prefix)
     token = idp.mint_token()
@@ -531,7 +623,7 @@ async def test_redis_holds_no_raw_key_token_or_address(
         assert (await _get(client, token, key_store.secondary)).status == 200
         assert (await _get(client, token, guessed)).status == 401
     key_store.store.suspend(key_store.name)
-    await _eventually(lambda: _published_at_least(first, token, metered.primary, 2))
+    await _eventually(lambda: _shared_state_says(prefix, key_store.name, "suspended"))
 
     contents = await read_everything(prefix)
 
@@ -542,6 +634,7 @@ async def test_redis_holds_no_raw_key_token_or_address(
         key_store.secondary,
         metered.primary,
         metered.secondary,
+        observer,
         guessed,
         token,
         *(part for part in token.split(".")[1:]),
