@@ -163,6 +163,7 @@ class SharedStorePolicy:
     pool_size: int = 32
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
+    failure_threshold: int = 3
     probe_interval: float = _PROBE_INTERVAL
 
     @classmethod
@@ -185,9 +186,12 @@ class SharedStorePolicy:
 
 
 class CircuitBreaker:
-    """Closed while Redis answers; open (calls refused at once) after a failure.
+    """Closed while Redis answers; open (calls refused at once) after
+    ``failure_threshold`` failures in a row.
 
-    Once the backoff delay has passed, one call is let through as a probe: its
+    One slow reply (a fork for a snapshot, a pause) is not an outage: that call
+    falls back on its own and the next one tries Redis again. Once open, and
+    the backoff delay has passed, one call is let through as a probe: its
     success closes the breaker, its failure doubles the delay (with jitter, up
     to ``backoff_max``). One warning is logged when an outage starts and one
     line when it ends, however many calls fail in between.
@@ -198,8 +202,12 @@ class CircuitBreaker:
         *,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
+        failure_threshold: int = 3,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        if failure_threshold < 1:
+            raise ValueError("failure_threshold must be at least 1")
+        self._threshold = failure_threshold
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._monotonic = monotonic
@@ -234,6 +242,7 @@ class CircuitBreaker:
         self._probing = False
         started = self._outage_started
         if started is None:
+            self._failures = 0
             return
         app_logger.info(
             "shared_store.recovered",
@@ -253,10 +262,10 @@ class CircuitBreaker:
         now = self._monotonic()
         self._probing = False
         self._failures += 1
-        delay = min(
-            self._backoff_max,
-            self._backoff_initial * 2 ** min(self._failures - 1, 30),
-        )
+        beyond = self._failures - self._threshold
+        if beyond < 0:
+            return
+        delay = min(self._backoff_max, self._backoff_initial * 2 ** min(beyond, 30))
         delay = delay / 2 + random.uniform(0, delay / 2)  # noqa: S311 - jitter
         self._retry_at = now + delay
         self.reason = reason
@@ -300,7 +309,6 @@ class _GuardedRedisCache(RedisCache):  # type: ignore[misc]
     def __init__(self, guard: SharedStore, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._guard = guard
-        self._closed = False
 
     async def _get(
         self, key: str, encoding: str | None = "utf-8", _conn: Any = None
@@ -331,10 +339,9 @@ class _GuardedRedisCache(RedisCache):  # type: ignore[misc]
         return await self._guard.run(put)
 
     async def _close(self, *args: Any, _conn: Any = None, **kwargs: Any) -> None:
-        # The app may close this store as the JWKS store and as the shared one.
-        if not self._closed:
-            self._closed = True
-            await self.client.aclose()
+        # The client is the SharedStore's: it closes it once its own tasks have
+        # stopped, whoever closes this cache first (the key cache does too).
+        return None
 
 
 class SharedStore:
@@ -361,6 +368,7 @@ class SharedStore:
         self._breaker = CircuitBreaker(
             backoff_initial=self._policy.backoff_initial,
             backoff_max=self._policy.backoff_max,
+            failure_threshold=self._policy.failure_threshold,
             monotonic=monotonic,
         )
         self._cache: BaseCache
@@ -446,7 +454,7 @@ class SharedStore:
             result = await asyncio.wait_for(operation(client), self._policy.deadline)
         except (RedisError, OSError, TimeoutError, UnexpectedReply) as err:
             self.failures += 1
-            reason = describe_failure(err)
+            reason = _describe_failure(err)
             self._breaker.failed(reason)
             raise SharedStoreUnavailable(reason) from None
         except BaseException:
@@ -467,7 +475,10 @@ class SharedStore:
         if task is not None:
             task.cancel()
             await asyncio.wait({task})
-        await self._cache.close()
+        if self._client is not None:
+            await self._client.aclose()
+        else:
+            await self._cache.close()
 
     def status(self) -> dict[str, Any]:
         """For health: the backend, its URL without password, and the breaker."""
@@ -501,7 +512,7 @@ async def _ping(client: Redis) -> bool:
     return True
 
 
-def describe_failure(err: BaseException) -> str:
+def _describe_failure(err: BaseException) -> str:
     """A short, secret-free reason for health and logs (never ``str(err)``)."""
     kind = type(err).__name__
     if isinstance(err, TimeoutError | RedisTimeoutError):

@@ -1,7 +1,8 @@
 """A TCP proxy in front of Redis that tests switch: pass, refuse, black-hole, close.
 
 Also the helpers every Redis test shares: reaching the real Redis (or skipping,
-visibly, outside CI), a key prefix of its own per test, and cleaning it up.
+visibly, outside CI), and a fleet of replicas with a key prefix of its own,
+cleaned up after the test.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import enum
 import os
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -20,6 +23,7 @@ from redis.asyncio import Redis
 __all__ = (
     "REDIS_HOST",
     "REDIS_PORT",
+    "Fleet",
     "ProxyMode",
     "RedisProxy",
     "delete_prefix",
@@ -239,3 +243,26 @@ def _bytes(value: object) -> bytes:
     if not isinstance(value, bytes):
         raise TypeError(f"expected bytes from Redis, got {type(value).__name__}")
     return value
+
+
+class Fleet:
+    """The replicas of one test, sharing a key prefix of their own.
+
+    ``close`` stops the replicas before it deletes their keys: a replica still
+    running would publish its state again into the emptied prefix.
+    """
+
+    def __init__(self, make: Callable[..., Awaitable[Any]], prefix: str) -> None:
+        self._make = make
+        self._clients: list[Any] = []
+        self.prefix = prefix
+
+    async def replica(self, **changes: Any) -> Any:
+        client = await self._make(cache_key_prefix=self.prefix, **changes)
+        self._clients.append(client)
+        return client
+
+    async def close(self) -> None:
+        for client in self._clients:
+            await client.close()
+        await delete_prefix(self.prefix)

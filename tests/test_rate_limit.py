@@ -20,7 +20,7 @@ from service.rate_limit import (
 )
 from service.settings import Settings, SettingsError
 from tests.conftest import AppClient, Credentials, MakeClient, auth_headers
-from tests.redis_proxy import delete_prefix, new_prefix, redis_client, require_redis
+from tests.redis_proxy import Fleet, new_prefix, redis_client, require_redis
 from validators import RateLimit
 
 REALM = 'Bearer realm="rag-api"'
@@ -406,21 +406,20 @@ def test_trusted_proxies_are_listed_in_the_redacted_settings() -> None:
 
 
 @pytest_asyncio.fixture
-async def prefix() -> AsyncIterator[str]:
+async def fleet(make_client: MakeClient) -> AsyncIterator[Fleet]:
     require_redis()
-    value = new_prefix()
-    yield value
-    await delete_prefix(value)
+    replicas = Fleet(make_client, new_prefix())
+    yield replicas
+    await replicas.close()
 
 
-async def _replicas(make_client: MakeClient, prefix: str, **changes: Any) -> Any:
+async def _replicas(fleet: Fleet, **changes: Any) -> Any:
     url = "redis://127.0.0.1:6379/0"
     # Roomy timeouts: these tests are about counting, and on a loaded machine a
     # slow reply would (rightly) be counted locally instead.
     return [
-        await make_client(
+        await fleet.replica(
             cache_url=url,
-            cache_key_prefix=prefix,
             cache_timeout_seconds=2.0,
             cache_connect_timeout_seconds=2.0,
             **changes,
@@ -430,13 +429,12 @@ async def _replicas(make_client: MakeClient, prefix: str, **changes: Any) -> Any
 
 
 async def test_two_replicas_on_redis_admit_exactly_the_limit_under_concurrency(
-    make_client: MakeClient,
     idp: LocalIdentityProvider,
     key_store: Credentials,
-    prefix: str,
+    fleet: Fleet,
 ) -> None:
     key = _limited(key_store, "fleet", 10, 60)
-    first, second = await _replicas(make_client, prefix)
+    first, second = await _replicas(fleet)
     token = idp.mint_token()
 
     responses = await asyncio.gather(
@@ -454,21 +452,18 @@ async def test_two_replicas_on_redis_admit_exactly_the_limit_under_concurrency(
     assert remaining == list(range(10))
     client = redis_client()
     try:
-        counted = await client.get(f"{prefix}:rag-api:ratelimit:fleet:10-per-60s")
+        counted = await client.get(f"{fleet.prefix}:rag-api:ratelimit:fleet:10-per-60s")
     finally:
         await client.aclose()
     assert counted == b"30"
 
 
 async def test_failures_on_one_replica_throttle_the_client_on_the_other(
-    make_client: MakeClient,
     idp: LocalIdentityProvider,
     key_store: Credentials,
-    prefix: str,
+    fleet: Fleet,
 ) -> None:
-    first, second = await _replicas(
-        make_client, prefix, auth_failure_limit=RateLimit(3, 60)
-    )
+    first, second = await _replicas(fleet, auth_failure_limit=RateLimit(3, 60))
     token = idp.mint_token()
     for _ in range(3):
         await _call(first, token, WRONG_KEY)

@@ -22,9 +22,9 @@ from service.settings import Settings, SettingsError
 from service.shared_store import CacheUrl, CacheUrlError, CircuitBreaker
 from tests.conftest import AppClient, Credentials, MakeClient, auth_headers
 from tests.redis_proxy import (
+    Fleet,
     ProxyMode,
     RedisProxy,
-    delete_prefix,
     new_prefix,
     read_everything,
     redis_client,
@@ -133,12 +133,12 @@ def test_breaker_opens_only_after_failures_in_a_row() -> None:
     breaker.succeeded()
     breaker.failed("Redis did not answer in time (TimeoutError)")
     breaker.failed("Redis did not answer in time (TimeoutError)")
-    assert breaker.state == "closed"
+    assert breaker.status()["breaker"] == "closed"
     assert breaker.allow()
 
     breaker.failed("Redis did not answer in time (TimeoutError)")
 
-    assert breaker.state == "open"
+    assert breaker.status()["breaker"] == "open"
     assert not breaker.allow()
     assert breaker.status()["reason"] == "Redis did not answer in time (TimeoutError)"
 
@@ -153,7 +153,7 @@ def test_open_breaker_lets_one_probe_through_after_the_backoff() -> None:
     clock.now += 1.0
 
     assert breaker.allow()
-    assert breaker.state == "half-open"
+    assert breaker.status()["breaker"] == "half-open"
     assert not breaker.allow()
     breaker.failed("Redis is unreachable (ConnectionError)")
     clock.now += 0.9
@@ -162,7 +162,7 @@ def test_open_breaker_lets_one_probe_through_after_the_backoff() -> None:
     clock.now += 1.1
     assert breaker.allow()
     breaker.succeeded()
-    assert breaker.state == "closed"
+    assert breaker.status()["breaker"] == "closed"
     assert breaker.allow()
 
 
@@ -202,11 +202,11 @@ def test_breaker_warns_once_per_outage(caplog: pytest.LogCaptureFixture) -> None
 
 
 @pytest_asyncio.fixture
-async def prefix() -> AsyncIterator[str]:
+async def fleet(make_client: MakeClient) -> AsyncIterator[Fleet]:
     require_redis()
-    value = new_prefix()
-    yield value
-    await delete_prefix(value)
+    replicas = Fleet(make_client, new_prefix())
+    yield replicas
+    await replicas.close()
 
 
 @pytest_asyncio.fixture
@@ -255,13 +255,12 @@ def _replica_file(key_store: Credentials, tmp_path: Path, name: str) -> Path:
 
 
 async def _replica(
-    make_client: MakeClient, prefix: str, keys_file: Path | None = None, **changes: Any
+    fleet: Fleet, keys_file: Path | None = None, **changes: Any
 ) -> AppClient:
     if keys_file is not None:
         changes["subscription_keys_file"] = keys_file
-    client: AppClient = await make_client(
+    client: AppClient = await fleet.replica(
         cache_url=changes.pop("cache_url", REDIS_URL),
-        cache_key_prefix=prefix,
         subscription_sync_seconds=0.1,
         # Roomier than production's 0.25 s: on a loaded test machine a slow
         # reply must not pass for an outage. Outages here are real ones.
@@ -275,16 +274,15 @@ async def _replica(
 
 
 async def test_two_replicas_sharing_redis_fetch_the_signing_keys_once(
-    make_client: MakeClient,
     idp: LocalIdentityProvider,
     key_store: Credentials,
-    prefix: str,
+    fleet: Fleet,
 ) -> None:
-    first = await _replica(make_client, prefix)
+    first = await _replica(fleet)
     token = idp.mint_token()
     assert (await _get(first, token, key_store.primary)).status == 200
 
-    second = await _replica(make_client, prefix)
+    second = await _replica(fleet)
     response = await _get(second, token, key_store.primary)
 
     assert response.status == 200
@@ -297,15 +295,14 @@ async def test_two_replicas_sharing_redis_fetch_the_signing_keys_once(
 
 
 async def test_key_suspended_through_one_replica_is_refused_by_the_other(
-    make_client: MakeClient,
     idp: LocalIdentityProvider,
     key_store: Credentials,
-    prefix: str,
+    fleet: Fleet,
     tmp_path: Path,
 ) -> None:
     other_file = _replica_file(key_store, tmp_path, "other")
-    await _replica(make_client, prefix)
-    other = await _replica(make_client, prefix, other_file)
+    await _replica(fleet)
+    other = await _replica(fleet, other_file)
     token = idp.mint_token()
     assert (await _get(other, token, key_store.primary)).status == 200
 
@@ -322,15 +319,14 @@ async def test_key_suspended_through_one_replica_is_refused_by_the_other(
 
 
 async def test_regenerated_key_stops_working_on_the_other_replica(
-    make_client: MakeClient,
     idp: LocalIdentityProvider,
     key_store: Credentials,
-    prefix: str,
+    fleet: Fleet,
     tmp_path: Path,
 ) -> None:
     other_file = _replica_file(key_store, tmp_path, "other")
-    first = await _replica(make_client, prefix)
-    other = await _replica(make_client, prefix, other_file)
+    first = await _replica(fleet)
+    other = await _replica(fleet, other_file)
     token = idp.mint_token()
 
     new_primary = key_store.store.regenerate(key_store.name, "primary")
@@ -348,19 +344,20 @@ async def test_regenerated_key_stops_working_on_the_other_replica(
 
 
 async def test_replica_started_with_an_older_file_adopts_the_fleets_revocation(
-    make_client: MakeClient,
     idp: LocalIdentityProvider,
     key_store: Credentials,
-    prefix: str,
+    fleet: Fleet,
     tmp_path: Path,
 ) -> None:
     stale_file = _replica_file(key_store, tmp_path, "stale")
-    first = await _replica(make_client, prefix)
+    first = await _replica(fleet)
     token = idp.mint_token()
     key_store.store.suspend(key_store.name)
-    await _eventually(lambda: _shared_state_says(prefix, key_store.name, "suspended"))
+    await _eventually(
+        lambda: _shared_state_says(fleet.prefix, key_store.name, "suspended")
+    )
 
-    late = await _replica(make_client, prefix, stale_file)
+    late = await _replica(fleet, stale_file)
 
     await _assert_key_refused(await _get(late, token, key_store.primary))
     # Starting with the older file did not roll the shared state back.
@@ -406,18 +403,17 @@ def _entry(name: str, state: str, primary: str, secondary: str) -> dict[str, str
 
 
 async def test_shared_state_written_into_redis_cannot_grant_access(
-    make_client: MakeClient,
     idp: LocalIdentityProvider,
     key_store: Credentials,
-    prefix: str,
+    fleet: Fleet,
 ) -> None:
     suspended = key_store.store.add("dormant", "starter")
     key_store.store.suspend("dormant")
-    replica = await _replica(make_client, prefix)
+    replica = await _replica(fleet)
     token = idp.mint_token()
     invented = "1" * 32
     await _write_shared_state(
-        prefix,
+        fleet.prefix,
         [
             _entry(key_store.name, "active", key_store.primary, key_store.secondary),
             _entry("dormant", "active", suspended.primary, suspended.secondary),
@@ -437,17 +433,16 @@ async def test_shared_state_written_into_redis_cannot_grant_access(
 
 
 async def test_shared_state_stamped_in_the_future_is_ignored(
-    make_client: MakeClient,
     idp: LocalIdentityProvider,
     key_store: Credentials,
-    prefix: str,
+    fleet: Fleet,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    replica = await _replica(make_client, prefix)
+    replica = await _replica(fleet)
     token = idp.mint_token()
     tomorrow = int((time.time() + 86400) * 1e6)
     await _write_shared_state(
-        prefix,
+        fleet.prefix,
         [_entry(key_store.name, "suspended", key_store.primary, key_store.secondary)],
         written_at_us=tomorrow,
     )
@@ -477,10 +472,9 @@ def _remaining(response: Any) -> int:
 
 @pytest.mark.parametrize("outage", [ProxyMode.REFUSE, ProxyMode.BLACK_HOLE])
 async def test_redis_outage_keeps_auth_working_and_limits_per_replica(
-    make_client: MakeClient,
     idp: LocalIdentityProvider,
     key_store: Credentials,
-    prefix: str,
+    fleet: Fleet,
     proxy: RedisProxy,
     caplog: pytest.LogCaptureFixture,
     tmp_path: Path,
@@ -490,8 +484,8 @@ async def test_redis_outage_keeps_auth_working_and_limits_per_replica(
     metered = key_store.store.add("metered", "starter", rate_limit=RateLimit(5, 60))
     revoked = key_store.store.add("revoked", "starter")
     other_file = _replica_file(key_store, tmp_path, "other")
-    first = await _replica(make_client, prefix, cache_url=proxy.url())
-    second = await _replica(make_client, prefix, other_file, cache_url=proxy.url())
+    first = await _replica(fleet, cache_url=proxy.url())
+    second = await _replica(fleet, other_file, cache_url=proxy.url())
     token = idp.mint_token()
     assert [
         _remaining(await _get(first, token, metered.primary)) for _ in range(2)
@@ -550,14 +544,13 @@ async def test_redis_outage_keeps_auth_working_and_limits_per_replica(
 
 
 async def test_redis_closing_connections_mid_run_falls_back_and_recovers(
-    make_client: MakeClient,
     idp: LocalIdentityProvider,
     key_store: Credentials,
-    prefix: str,
+    fleet: Fleet,
     proxy: RedisProxy,
 ) -> None:
     metered = key_store.store.add("metered", "starter", rate_limit=RateLimit(50, 60))
-    replica = await _replica(make_client, prefix, cache_url=proxy.url())
+    replica = await _replica(fleet, cache_url=proxy.url())
     token = idp.mint_token()
     assert (await _get(replica, token, metered.primary)).status == 200
 
@@ -576,15 +569,14 @@ async def test_redis_closing_connections_mid_run_falls_back_and_recovers(
 
 
 async def test_redis_refusing_the_credentials_never_shows_the_password(
-    make_client: MakeClient,
     idp: LocalIdentityProvider,
     key_store: Credentials,
-    prefix: str,
+    fleet: Fleet,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     url = "redis://nobody:hunter2-canary@127.0.0.1:6379/0"
-    replica = await _replica(make_client, prefix, cache_url=url)
+    replica = await _replica(fleet, cache_url=url)
     token = idp.mint_token()
 
     async def degraded() -> bool:
@@ -606,16 +598,15 @@ async def test_redis_refusing_the_credentials_never_shows_the_password(
 
 
 async def test_redis_holds_no_raw_key_token_or_address(
-    make_client: MakeClient,
     idp: LocalIdentityProvider,
     key_store: Credentials,
-    prefix: str,
+    fleet: Fleet,
 ) -> None:
     metered = key_store.store.add("metered", "starter", rate_limit=RateLimit(5, 60))
     # Health is polled with a key of its own, so the polls count against no limit.
     observer = key_store.store.add("observer", "starter").primary
-    first = await _replica(make_client, prefix, auth_failure_limit=RateLimit(3, 60))
-    second = await _replica(make_client, prefix)
+    first = await _replica(fleet, auth_failure_limit=RateLimit(3, 60))
+    second = await _replica(fleet)
     token = idp.mint_token()
     guessed = "f" * 32
     for client in (first, second):
@@ -623,9 +614,11 @@ async def test_redis_holds_no_raw_key_token_or_address(
         assert (await _get(client, token, key_store.secondary)).status == 200
         assert (await _get(client, token, guessed)).status == 401
     key_store.store.suspend(key_store.name)
-    await _eventually(lambda: _shared_state_says(prefix, key_store.name, "suspended"))
+    await _eventually(
+        lambda: _shared_state_says(fleet.prefix, key_store.name, "suspended")
+    )
 
-    contents = await read_everything(prefix)
+    contents = await read_everything(fleet.prefix)
 
     kinds = {key.decode().split(":")[2] for key in contents}
     assert {"jwks", "ratelimit", "auth-failures", "subscriptions"} <= kinds
