@@ -19,6 +19,7 @@ __all__ = (
     "access_logger",
     "app_logger",
     "auth_logger",
+    "cache_logger",
     "configure_logging",
     "idp_logger",
     "jwks_logger",
@@ -29,6 +30,7 @@ app_logger = logging.getLogger("rag_api_core")
 auth_logger = logging.getLogger("rag_api_core.auth")
 jwks_logger = logging.getLogger("rag_api_core.jwks")
 keys_logger = logging.getLogger("rag_api_core.keys")
+cache_logger = logging.getLogger("rag_api_core.cache")
 access_logger = logging.getLogger("rag_api_core.access")
 idp_logger = logging.getLogger("rag_api_core.idp")
 

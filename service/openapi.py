@@ -586,6 +586,19 @@ HEALTH_SCHEMA = NamedSchema(
                     "hits": {"type": "integer", "minimum": 0},
                 },
             },
+            "sharedStore": {
+                "type": "object",
+                "description": "memory, or Redis with its breaker state (no password)",
+                "required": ["backend", "state"],
+                "properties": {
+                    "backend": {"type": "string", "enum": ["memory", "redis"]},
+                    "state": {"type": "string", "enum": ["ok", "degraded"]},
+                },
+            },
+            "rateLimits": {
+                "type": "object",
+                "description": "Where rate limits are counted, and the failed-auth throttle",
+            },
         },
     },
 )

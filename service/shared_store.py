@@ -34,7 +34,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .log import app_logger
+from .log import cache_logger
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -244,7 +244,7 @@ class CircuitBreaker:
         if started is None:
             self._failures = 0
             return
-        app_logger.info(
+        cache_logger.info(
             "shared_store.recovered",
             extra={
                 "outage_seconds": round(self._monotonic() - started, 3),
@@ -272,7 +272,7 @@ class CircuitBreaker:
         if self._outage_started is not None:
             return
         self._outage_started = now
-        app_logger.warning(
+        cache_logger.warning(
             "shared_store.unavailable",
             extra={
                 "reason": reason,

@@ -40,6 +40,12 @@ from .errors import (
 from .issuer import IssuerValidator
 from .lifetime import LifetimeValidator
 from .query_credentials import QueryCredentialsValidator
+from .rate_limit import (
+    RateLimitedContext,
+    RateLimiter,
+    RateLimitUsage,
+    RateLimitValidator,
+)
 from .roles import RoleValidator
 from .signature import SignatureValidator
 from .subscription_key import SubscriptionKeyValidator
@@ -64,6 +70,10 @@ __all__ = (
     "QueryCredentialsValidator",
     "RateLimit",
     "RateLimitExceeded",
+    "RateLimitUsage",
+    "RateLimitValidator",
+    "RateLimitedContext",
+    "RateLimiter",
     "RoleValidator",
     "SignatureValidator",
     "SigningKeyProvider",
