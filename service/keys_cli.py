@@ -137,7 +137,7 @@ def _add_product(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--rate-limit",
         required=True,
         metavar="CALLS/SECONDS|none",
-        help="the limit its subscriptions share unless they set their own",
+        help="each subscription's own limit (counted apart) unless it sets one",
     )
 
 
