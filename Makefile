@@ -20,3 +20,8 @@ test: install
 
 bench: install
 	$(BIN)/python bench/run.py
+
+lint: install
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/ruff check service validators
+	$(BIN)/mypy service validators tests

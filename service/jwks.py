@@ -116,7 +116,7 @@ def _build_key(entry: Any) -> tuple[str, VerificationKey] | None:
         key: Key = jwk.construct({"kty": "RSA", "n": n, "e": e}, "RS256")
     except Exception:  # noqa: BLE001 - any malformed member just makes the key unusable
         return None
-    if getattr(key.prepared_key, "key_size", 0) < _MIN_RSA_BITS:
+    if getattr(getattr(key, "prepared_key", None), "key_size", 0) < _MIN_RSA_BITS:
         return None
     return kid, key
 
@@ -154,7 +154,7 @@ class JwksCache:
         self._loop_task: asyncio.Task[None] | None = None
         self._inflight: asyncio.Task[bool] | None = None
         self._keyset: KeySet | None = None
-        self._listeners: list[Callable[[frozenset[str]], None]] = []
+        self._listeners: list[Callable[[frozenset[str]], object]] = []
         self._failures = 0
         self._retry_at = 0.0
         self._last_kid_refresh = -math.inf
@@ -190,7 +190,7 @@ class JwksCache:
         if self._session is not None:
             await self._session.close()
 
-    def add_listener(self, listener: Callable[[frozenset[str]], None]) -> None:
+    def add_listener(self, listener: Callable[[frozenset[str]], object]) -> None:
         """Called with the published kids each time a new key set is installed."""
         self._listeners.append(listener)
 

@@ -29,7 +29,7 @@ async def health(request: web.Request) -> web.Response:
     app = request.app
     keys = app[JWKS].status()
     watcher = app[KEY_WATCHER]
-    store = {"reload_ok": True, "subscriptions": None}
+    store: dict[str, object] = {"reload_ok": True, "subscriptions": None}
     if isinstance(watcher, KeyStoreWatcher):
         store = {
             "reload_ok": watcher.last_reload_ok,

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from aiocache import RedisCache, SimpleMemoryCache  # type: ignore[import-untyped]
-from aiocache.base import BaseCache  # type: ignore[import-untyped]
-from aiocache.serializers import NullSerializer  # type: ignore[import-untyped]
+from aiocache import RedisCache, SimpleMemoryCache
+from aiocache.base import BaseCache
+from aiocache.serializers import NullSerializer
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry

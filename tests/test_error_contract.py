@@ -18,7 +18,7 @@ REALM = 'Bearer realm="rag-api"'
 async def _assert_rejected(
     response: Any, status: int, code: str, challenge: str | None
 ) -> dict[str, Any]:
-    body = await response.json()
+    body: dict[str, Any] = await response.json()
     assert response.status == status
     assert body["statusCode"] == status
     assert body["code"] == code

@@ -31,7 +31,7 @@ from typing import Any, NoReturn
 
 import aiohttp
 import pytest
-import yaml  # type: ignore[import-untyped]  # TODO(types-PyYAML in test extras)
+import yaml
 
 from service.idp import LocalIdentityProvider, Outage, OutageMode
 from service.jwks import JwksCache, JwksPolicy

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from multidict import CIMultiDictProxy, MultiDictProxy
+from multidict import CIMultiDictProxy, MultiMapping
 
 __all__ = (
     "AccessPolicy",
@@ -92,7 +92,7 @@ class AuthContext:
     """What one request carries through the chain; each validator fills its part."""
 
     headers: CIMultiDictProxy[str]
-    query: MultiDictProxy[str]
+    query: MultiMapping[str]
     policy: AccessPolicy = field(default_factory=AccessPolicy)
     subscription: Subscription | None = None
     token: str | None = None
