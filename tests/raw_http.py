@@ -21,6 +21,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from service.app import create_app
 from service.idp import LocalIdentityProvider
+from service.protocol import SafeAppRunner
 from service.server import runner_options
 from service.settings import Settings
 
@@ -114,12 +115,12 @@ async def send_raw(
 async def serve_like_production(
     app: web.Application, max_header_bytes: int
 ) -> AsyncIterator[RawServer]:
-    """Serve ``app`` on 127.0.0.1 with the runner options of ``run_server``.
+    """Serve ``app`` on 127.0.0.1 with the runner and options of ``run_server``.
 
     Not ``TestServer``: it turns ``handler_cancellation`` on, which production
-    leaves off, and header limits are exactly what these tests are about.
+    leaves off, and it drops the header limits these tests are about.
     """
-    runner = web.AppRunner(app, **runner_options(max_header_bytes))
+    runner = SafeAppRunner(app, **runner_options(max_header_bytes))
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)

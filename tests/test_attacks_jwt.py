@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import json
@@ -63,7 +64,7 @@ Signer = Callable[[bytes], bytes]
 class Attacker:
     """Keys the attacker owns: none of them is published by the identity provider."""
 
-    rsa: rsa.RSAPrivateKey
+    rsa_key: rsa.RSAPrivateKey
     short_rsa: rsa.RSAPrivateKey
     p256: ec.EllipticCurvePrivateKey
     secp256k1: ec.EllipticCurvePrivateKey
@@ -75,7 +76,7 @@ class Attacker:
 def attacker() -> Attacker:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     return Attacker(
-        rsa=key,
+        rsa_key=key,
         # Too short on purpose: J-13d plants it in the key set.
         short_rsa=rsa.generate_private_key(65537, key_size=1024),  # noqa: S505
         p256=ec.generate_private_key(ec.SECP256R1()),
@@ -170,7 +171,9 @@ class Forge:
         """RS256 by the attacker's RSA key, under the published ``kid``."""
         head = self.header() if header is None else header
         body = self.claims() if payload is None else payload
-        return self.signed(head, body, _rsa_signer(self.attacker.rsa, hashes.SHA256()))
+        return self.signed(
+            head, body, _rsa_signer(self.attacker.rsa_key, hashes.SHA256())
+        )
 
     def unsigned(self, header: Json, signature: str = "") -> str:
         return f"{_b64(_json(header))}.{_b64(_json(self.claims()))}.{signature}"
@@ -466,7 +469,7 @@ ALGORITHM_ATTACKS = [
     *(
         pytest.param(
             lambda f, alg=alg, digest=digest: f.signed(
-                f.header(alg=alg), f.claims(), _rsa_signer(f.attacker.rsa, digest)
+                f.header(alg=alg), f.claims(), _rsa_signer(f.attacker.rsa_key, digest)
             ),
             id=f"J-06-{alg}-attacker-key-RFC8725-3.1",
         )
@@ -475,7 +478,7 @@ ALGORITHM_ATTACKS = [
     *(
         pytest.param(
             lambda f, alg=alg, digest=digest: f.signed(
-                f.header(alg=alg), f.claims(), _pss_signer(f.attacker.rsa, digest)
+                f.header(alg=alg), f.claims(), _pss_signer(f.attacker.rsa_key, digest)
             ),
             id=f"J-06-{alg}-attacker-key-RFC8725-3.1",
         )
@@ -653,20 +656,24 @@ def _with_header(**fields: Json) -> Build:
 
 KEY_SELECTION_ATTACKS = [
     pytest.param(
-        lambda f: f.by_attacker(header=f.header(jwk=_public_jwk(f.attacker.rsa))),
+        lambda f: f.by_attacker(header=f.header(jwk=_public_jwk(f.attacker.rsa_key))),
         id="J-08-embedded-jwk-published-kid-CVE-2018-0114",
     ),
     pytest.param(
         lambda f: f.by_attacker(
-            header={"typ": "JWT", "alg": "RS256", "jwk": _public_jwk(f.attacker.rsa)}
+            header={
+                "typ": "JWT",
+                "alg": "RS256",
+                "jwk": _public_jwk(f.attacker.rsa_key),
+            }
         ),
         id="J-08-embedded-jwk-no-kid-CVE-2018-0114",
     ),
     pytest.param(
         lambda f: f.by_attacker(
             header=f.header(
-                kid=_thumbprint(_public_jwk(f.attacker.rsa)),
-                jwk=_public_jwk(f.attacker.rsa),
+                kid=_thumbprint(_public_jwk(f.attacker.rsa_key)),
+                jwk=_public_jwk(f.attacker.rsa_key),
             )
         ),
         id="J-08-embedded-jwk-thumbprint-kid-RFC7638",
@@ -704,7 +711,7 @@ async def test_header_naming_its_own_key_is_refused_and_never_followed(
 
     async def record(request: web.Request) -> web.Response:
         hits.append(request.path)
-        return web.json_response({"keys": [_public_jwk(api.forge.attacker.rsa)]})
+        return web.json_response({"keys": [_public_jwk(api.forge.attacker.rsa_key)]})
 
     listener = web.Application()
     listener.router.add_get("/{tail:.*}", record)
@@ -817,10 +824,10 @@ def _planted_jwks(f: Forge) -> dict[str, Json]:
     return {
         "keys": [
             *real,
-            {**_public_jwk(f.attacker.rsa, "enc-key"), "use": "enc"},
+            {**_public_jwk(f.attacker.rsa_key, "enc-key"), "use": "enc"},
             {"kty": "oct", "kid": "sym", "k": _b64(b"s" * 32)},
             _public_jwk(f.attacker.short_rsa, "short"),
-            {**_public_jwk(f.attacker.rsa, "rs512-key"), "alg": "RS512"},
+            {**_public_jwk(f.attacker.rsa_key, "rs512-key"), "alg": "RS512"},
         ]
     }
 
@@ -944,6 +951,10 @@ def _with_member(f: Forge, member: bytes) -> bytes:
     return _json(claims)[:-1] + b"," + member + b"}"
 
 
+def _insert(segment: str, junk: str) -> str:
+    return segment[:8] + junk + segment[8:]
+
+
 def _nested(depth: int) -> bytes:
     return b"[" * depth + b"]" * depth
 
@@ -984,7 +995,7 @@ STRUCTURE_ATTACKS = [
     ),
     *(
         pytest.param(
-            _segment_edit(2, lambda s, junk=junk: s[:8] + junk + s[8:]),
+            _segment_edit(2, functools.partial(_insert, junk=junk)),
             id=f"J-15-junk-group-{name}-in-signature-RFC4648-12",
         )
         for junk, name in (("%%%%", "percent"), ("!!!!", "bang"), ("****", "star"))

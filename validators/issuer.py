@@ -31,7 +31,8 @@ class IssuerValidator:
 
         ver = claims.get("ver")
         if ver is None:
-            return
+            # Entra always sends ver; without it the iss/ver pairing is unchecked.
+            raise TokenClaimInvalid("The bearer token has no version (ver)")
         if ver not in _VERSIONS:
             raise TokenClaimInvalid("The bearer token version (ver) is not 1.0 or 2.0")
         # Entra's v2 issuers end in /v2.0 and v1 issuers do not (J-42).

@@ -42,7 +42,22 @@ def parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
         raise TokenInvalid(f"The bearer token {what} is not valid JSON") from err
     if not isinstance(value, dict):
         raise TokenInvalid(f"The bearer token {what} is not a JSON object")
+    # Only a \u escape can produce a lone surrogate (strict UTF-8 decoding above
+    # refuses encoded ones), so tokens without escapes skip the check.
+    if "\\u" in text and _has_lone_surrogate(value):
+        raise TokenInvalid(f"The bearer token {what} is not valid Unicode")
     return value
+
+
+def _has_lone_surrogate(value: dict[str, Any]) -> bool:
+    # RFC 7493 §2.1 (I-JSON): no unpaired surrogates. Python's json accepts
+    # them, and a claim holding one cannot be encoded again: orjson raises on
+    # it, so it would turn /whoami (or any handler) into a 500 (catalog J-16).
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError):
+        return True
+    return False
 
 
 def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

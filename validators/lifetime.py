@@ -26,6 +26,10 @@ class LifetimeValidator:
         iat = numeric_date(claims, "iat")
         if exp is None:
             raise TokenClaimInvalid("The bearer token has no expiry (exp)")
+        if nbf is None or iat is None:
+            # Entra always sends both; without them the window and the lifetime
+            # cap cannot be checked (RFC 8725 §3.10, catalog J-30).
+            raise TokenClaimInvalid("The bearer token has no nbf or iat claim")
 
         now = self._clock()
         leeway = self._leeway
