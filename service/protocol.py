@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import time
 import uuid
+from collections import Counter
 
 import orjson
 from aiohttp import web
@@ -11,7 +14,9 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
-__all__ = ("SafeAppRunner", "safe_error_response")
+from .log import app_logger
+
+__all__ = ("RefusalLog", "SafeAppRunner", "safe_error_response")
 
 _HEADER_TOO_LARGE = (
     431,
@@ -44,6 +49,34 @@ def safe_error_response(status: int, exc: BaseException | None) -> web.Response:
     return response
 
 
+class RefusalLog:
+    """One warning per interval for requests the parser refuses, with a count.
+
+    aiohttp logs each refusal at ERROR with a traceback quoting the header
+    line; under a flood of malformed requests that is thousands of lines a
+    second. Client mistakes get a kind and a count instead, never the text.
+    """
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._interval = interval
+        self._logged_at = -math.inf
+        self._counts: Counter[str] = Counter()
+
+    def record(self, exc: BaseException | None) -> None:
+        self._counts[type(exc).__name__ if exc is not None else "unknown"] += 1
+        now = time.monotonic()
+        if now - self._logged_at < self._interval:
+            return
+        app_logger.warning(
+            "http.requests_refused", extra={"counts": dict(self._counts)}
+        )
+        self._logged_at = now
+        self._counts.clear()
+
+
+_REFUSALS = RefusalLog()
+
+
 class _SafeRequestHandler(RequestHandler):
     def handle_error(
         self,
@@ -52,9 +85,13 @@ class _SafeRequestHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        # The parent logs the error (through the scrubbing filter) and refuses
-        # when a response was already sent; its body is replaced by ours.
-        super().handle_error(request, status, exc, None)
+        if status >= 500:
+            # Our failure: the parent logs it with its traceback (scrubbed).
+            super().handle_error(request, status, exc, None)
+            return safe_error_response(status, exc)
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was already sent on this connection")
+        _REFUSALS.record(exc)
         return safe_error_response(status, exc)
 
 

@@ -10,11 +10,13 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from service.app import create_app
 from service.idp import LocalIdentityProvider
 from service.keystore import KeyStoreFile
+from service.protocol import SafeAppRunner
+from service.server import runner_options
 from service.settings import Settings
 
 
@@ -61,6 +63,21 @@ def settings(idp: LocalIdentityProvider, key_store: Credentials) -> Settings:
     return settings_for(idp, key_store.store.path)
 
 
+class ProductionLikeServer(TestServer):
+    """aiohttp's test server, but with the runner and options ``run_server`` uses.
+
+    ``TestServer`` would serve with aiohttp's defaults (8190-byte header limit,
+    its own parser-error page, handler cancellation on).
+    """
+
+    def __init__(self, app: web.Application, *, max_header_bytes: int) -> None:
+        super().__init__(app)
+        self.max_header_bytes = max_header_bytes
+
+    async def _make_runner(self, **kwargs: Any) -> SafeAppRunner:
+        return SafeAppRunner(self.app, **runner_options(self.max_header_bytes))
+
+
 AppClient = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Any]
 
@@ -78,7 +95,8 @@ async def make_client(
         app = create_app(settings, **app_kwargs)
         for path, handler in routes:
             app.router.add_get(path, handler)
-        client: AppClient = await aiohttp_client(app)
+        server = ProductionLikeServer(app, max_header_bytes=settings.max_header_bytes)
+        client: AppClient = await aiohttp_client(server)
         return client
 
     return make

@@ -179,7 +179,7 @@ async def test_no_secret_reaches_any_log_stream_or_response_body(
     assert statuses["oversized"] == 431
     assert all(status != 500 for status in statuses.values())
     assert b"http.access" in output  # the scan read real logs, at DEBUG
-    assert b"aiohttp.server" in output  # including the parser errors
+    assert b"http.requests_refused" in output  # including the parser refusals
     sinks = [output, *bodies]
     for label, secret in [*canaries.items(), ("key", key)]:
         for needle in _needles(secret):

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 
+import pytest
 import pytest_asyncio
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
 
 from service.idp import LocalIdentityProvider
-from service.protocol import SafeAppRunner
+from service.protocol import RefusalLog, SafeAppRunner
 from service.server import runner_options
 
 
@@ -80,3 +83,15 @@ async def test_header_within_the_raised_limit_is_served(port: int) -> None:
     status, _, body = await _raw(port, request.encode())
     assert status == 200
     assert body == b"ok"
+
+
+def test_refusals_are_logged_once_per_interval_with_counts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log = RefusalLog(interval=3600)
+    with caplog.at_level(logging.WARNING, logger="rag_api_core"):
+        for _ in range(50):
+            log.record(LineTooLong(b"line", 8190))
+    records = [r for r in caplog.records if r.getMessage() == "http.requests_refused"]
+    assert len(records) == 1
+    assert records[0].__dict__["counts"] == {"LineTooLong": 1}

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
-import psutil  # type: ignore[import-untyped]  # TODO(types-psutil in the test extra)
+import psutil
 from multidict import CIMultiDict
 
 from service.idp import LocalIdentityProvider
