@@ -80,7 +80,9 @@ def create_app(
         JwksPolicy.from_settings(settings),
         store=store,
     )
-    token_cache = TokenCache(settings.token_cache_size, clock=clock)
+    token_cache = TokenCache(
+        settings.token_cache_size, clock=clock, keys_usable=lambda: jwks.ready
+    )
     jwks.add_listener(token_cache.retain_kids)
     validators = (
         *default_validators(

@@ -30,12 +30,17 @@ class TokenCache:
     """
 
     def __init__(
-        self, max_entries: int, clock: Callable[[], float] = time.time
+        self,
+        max_entries: int,
+        clock: Callable[[], float] = time.time,
+        *,
+        keys_usable: Callable[[], bool] | None = None,
     ) -> None:
         if max_entries < 0:
             raise ValueError("max_entries must be zero or more")
         self._max_entries = max_entries
         self._clock = clock
+        self._keys_usable = keys_usable
         self._entries: OrderedDict[bytes, tuple[float, VerifiedToken]] = OrderedDict()
         self.stats = TokenCacheStats()
 
@@ -48,6 +53,10 @@ class TokenCache:
 
     def get(self, token: str) -> VerifiedToken | None:
         if not self._max_entries:
+            return None
+        # Once the signing keys are past their maximum staleness, no token is
+        # served from memory either: the request takes the 503 path.
+        if self._keys_usable is not None and not self._keys_usable():
             return None
         digest = hashlib.sha256(token.encode("ascii")).digest()
         entry = self._entries.get(digest)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from aiohttp import web
 
-from service.appkeys import JWKS, TOKEN_CACHE
+from service.appkeys import JWKS, SETTINGS, TOKEN_CACHE
 from service.idp import LocalIdentityProvider
 from service.policy import requires
 from service.token_cache import TokenCache
@@ -113,3 +115,32 @@ async def test_key_removal_evicts_cached_tokens(
     assert await client.app[JWKS].refresh_now()
     assert len(client.app[TOKEN_CACHE]) == 0
     assert (await client.get("/api/v2/health", headers=headers)).status == 401
+
+
+def test_nothing_is_served_while_the_signing_keys_are_unusable() -> None:
+    usable = [True]
+    cache = TokenCache(10, clock=lambda: 1_000.0, keys_usable=lambda: usable[0])
+    cache.put("t", _verified())
+    assert cache.get("t") is not None
+    usable[0] = False
+    assert cache.get("t") is None
+    usable[0] = True
+    assert cache.get("t") is not None
+
+
+async def test_cached_token_gets_503_once_the_keys_are_too_stale(
+    make_client: MakeClient, idp: LocalIdentityProvider, key_store: Credentials
+) -> None:
+    client = await make_client()
+    headers = auth_headers(idp.mint_token(), key_store.primary)
+    assert (await client.get("/api/v2/health", headers=headers)).status == 200
+    jwks = client.app[JWKS]
+    idp.set_outage("error")
+    # The keys were fetched a day and a second ago, as far as the cache can tell.
+    keyset = jwks._keyset
+    assert keyset is not None
+    stale_for = client.app[SETTINGS].jwks_max_stale_seconds + 1
+    jwks._keyset = dataclasses.replace(keyset, fetched_at=keyset.fetched_at - stale_for)
+    response = await client.get("/api/v2/health", headers=headers)
+    assert response.status == 503
+    assert (await response.json())["code"] == "IdentityProviderUnavailable"
