@@ -111,6 +111,7 @@ class PinnedProcess:
         cores: str,
         workdir: Path,
         env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> PinnedProcess:
         stdout_path = workdir / f"{name}.stdout"
         stderr_path = workdir / f"{name}.stderr"
@@ -122,6 +123,7 @@ class PinnedProcess:
             stdout=stdout,
             stderr=stderr,
             env=dict(env) if env is not None else None,
+            cwd=cwd,
         )
         return cls(name, process, stdout_path, stderr_path, (stdout, stderr))
 

@@ -57,6 +57,7 @@ class TokenCache:
         # Once the signing keys are past their maximum staleness, no token is
         # served from memory either: the request takes the 503 path.
         if self._keys_usable is not None and not self._keys_usable():
+            self.stats.misses += 1
             return None
         digest = hashlib.sha256(token.encode("ascii")).digest()
         entry = self._entries.get(digest)

@@ -15,6 +15,9 @@ __all__ = ("BearerTokenValidator",)
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 # RFC 6750 §2.1: "Bearer" 1*SP b64token; the scheme is case-insensitive (RFC 9110).
 _BEARER = re.compile(r"(?i:bearer) +(\S+)")
+# Both at once, in one pass over the header: this runs on every request, and two
+# passes over a 1-2 KB token cost about 5 µs more (docs/performance.md).
+_BEARER_COMPACT_JWS = re.compile(r"(?i:bearer) +(" + _COMPACT_JWS.pattern + ")")
 
 
 class BearerTokenValidator:
@@ -35,10 +38,10 @@ class BearerTokenValidator:
         value = values[0]
         if len(value) > self._max_token_bytes + 16:
             raise TokenInvalid("The bearer token is larger than this API accepts")
-        match = _BEARER.fullmatch(value)
+        match = _BEARER_COMPACT_JWS.fullmatch(value)
         if match is None:
-            raise TokenInvalid("The Authorization header must be 'Bearer <token>'")
-        token = match.group(1)
-        if not _COMPACT_JWS.fullmatch(token):
+            # Only to say which part is wrong; the pattern above decided.
+            if _BEARER.fullmatch(value) is None:
+                raise TokenInvalid("The Authorization header must be 'Bearer <token>'")
             raise TokenInvalid("The bearer token is not a compact JWS")
-        context.token = token
+        context.token = match.group(1)

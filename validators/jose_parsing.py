@@ -32,11 +32,7 @@ def parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
     """Parse a UTF-8 JSON object with no duplicate names and no NaN or Infinity."""
     try:
         text = raw.decode("utf-8")
-        value = json.loads(
-            text,
-            object_pairs_hook=_unique_object,
-            parse_constant=_refuse_constant,
-        )
+        value = _DECODER.decode(text)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         # RecursionError: deeply nested JSON (python-jose lets it escape, J-18).
         raise TokenInvalid(f"The bearer token {what} is not valid JSON") from err
@@ -72,3 +68,10 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _refuse_constant(name: str) -> Any:
     # RFC 8259 §6: NaN and Infinity are not JSON; Python's json accepts them.
     raise ValueError(f"{name} is not JSON")
+
+
+# Built once: json.loads with these options builds a new decoder on every call,
+# which costs more than decoding a token header (docs/performance.md).
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_unique_object, parse_constant=_refuse_constant
+)
