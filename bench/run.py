@@ -56,13 +56,16 @@ NO_KEY = "no key, forged token"
 NO_KEY_THROTTLED = "no key, forged token, throttled"
 
 # A run during which other processes took more than this share of a core is
-# repeated: colleagues' test runs on a 2-core machine would otherwise decide it.
+# repeated: on a shared 2-core machine a test suite running beside it would
+# otherwise decide the result.
 _DISTURBED_SHARE = 0.05
 _ATTEMPTS = 3
 _WARMUP_SECONDS = 2.0
 _START_TIMEOUT = 30.0
 # Bounds the distinct-token regime's run, so its pool is never used twice.
 _POOL_MARGIN = 1.3
+# The memory cap: the warm-up RSS, a budget per cache entry (about 3.4 KiB are
+# used), and slack for the allocator's arenas.
 _MEMORY_SLACK_BYTES = 16 * 1024 * 1024
 _ENTRY_BUDGET_BYTES = 8 * 1024
 _FLOOD_RATE_CONNECTIONS = 8

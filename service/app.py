@@ -1,4 +1,4 @@
-"""The application factory: wires settings, caches and the validator chain into aiohttp."""
+"""The application factory: settings, caches and the validator chain, wired."""
 
 from __future__ import annotations
 
@@ -10,8 +10,15 @@ from aiohttp import web
 
 from validators import SubscriptionLookup, Validator
 
-from .appkeys import CHAIN, JWKS, KEY_STORE, KEY_WATCHER, SETTINGS, SHUTTING_DOWN
-from .appkeys import TOKEN_CACHE
+from .appkeys import (
+    CHAIN,
+    JWKS,
+    KEY_STORE,
+    KEY_WATCHER,
+    SETTINGS,
+    SHUTTING_DOWN,
+    TOKEN_CACHE,
+)
 from .chain import ValidatorChain, default_validators, load_extra_validators
 from .docs_routes import add_docs_routes
 from .jose_backend import ensure_cryptography_backend

@@ -10,9 +10,8 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -32,6 +31,7 @@ if TYPE_CHECKING:
     from .idp import LocalIdentityProvider
 
 __all__ = ("main",)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
@@ -237,7 +237,9 @@ def _idp(args: argparse.Namespace) -> int:
     from .idp import run_idp
 
     configure_logging(os.environ.get("LOG_LEVEL", "INFO").upper(), "text")
-    asyncio.run(_until_signal(run_idp(args.host, args.port, args.tenant_id, args.app_id)))
+    asyncio.run(
+        _until_signal(run_idp(args.host, args.port, args.tenant_id, args.app_id))
+    )
     return 0
 
 

@@ -114,7 +114,7 @@ def _build_key(entry: Any) -> tuple[str, VerificationKey] | None:
         return None
     try:
         key: Key = jwk.construct({"kty": "RSA", "n": n, "e": e}, "RS256")
-    except Exception:  # noqa: BLE001 - any malformed member just makes the key unusable
+    except Exception:
         return None
     if getattr(getattr(key, "prepared_key", None), "key_size", 0) < _MIN_RSA_BITS:
         return None
@@ -253,7 +253,7 @@ class JwksCache:
         }
 
     async def refresh_now(self, reason: str = "manual") -> bool:
-        """Refresh outside the schedule (start-up probe, tests); shared like any fetch."""
+        """Refresh outside the schedule (start-up probe, tests), shared like any."""
         return await self._shared_refresh(reason)
 
     # -- internals -------------------------------------------------------------
@@ -324,7 +324,7 @@ class JwksCache:
         except KeySetError as err:
             self._record_failure(err)
             return False
-        except Exception:  # noqa: BLE001 - the refresh must never die silently
+        except Exception:
             jwks_logger.exception("jwks.refresh_crashed", extra={"reason": reason})
             self._record_failure(KeySetError("unexpected error while refreshing"))
             return False
@@ -461,7 +461,7 @@ class JwksCache:
         try:
             async with asyncio.timeout(_STORE_TIMEOUT):
                 raw = await self._store.get(self._store_key)
-        except Exception:  # noqa: BLE001 - the shared store is an optimisation only
+        except Exception:
             self.store_errors += 1
             return None
         if raw is None:
@@ -500,7 +500,7 @@ class JwksCache:
                 await self._store.set(
                     self._store_key, value, ttl=int(self._policy.max_stale_seconds)
                 )
-        except Exception:  # noqa: BLE001 - a replica still works on its own copy
+        except Exception:
             self.store_errors += 1
 
 

@@ -76,7 +76,7 @@ async def _authenticate_and_handle(
             await app[CHAIN].run(context)
         except AuthError as error:
             return await _refuse(request, error, context, client)
-        except Exception:  # noqa: BLE001 - fail closed, never a 500 for client input
+        except Exception:
             auth_logger.exception(
                 "auth.validator_crashed", extra={"request_id": request[REQUEST_ID]}
             )
@@ -144,7 +144,7 @@ async def _call_handler(request: web.Request, handler: Handler) -> web.StreamRes
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
         return response
-    except Exception:  # noqa: BLE001 - the outermost catch-all of a request
+    except Exception:
         app_logger.exception(
             "request.failed", extra={"request_id": request[REQUEST_ID]}
         )

@@ -597,7 +597,7 @@ HEALTH_SCHEMA = NamedSchema(
             },
             "rateLimits": {
                 "type": "object",
-                "description": "Where rate limits are counted, and the failed-auth throttle",
+                "description": "Where limits are counted; the failed-auth throttle",
             },
         },
     },

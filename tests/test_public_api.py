@@ -1,4 +1,4 @@
-"""The public surface: every error class and protocol is exported, every module declares it."""
+"""The public surface: errors exported, every module documented with __all__."""
 
 from __future__ import annotations
 

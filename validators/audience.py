@@ -12,7 +12,7 @@ __all__ = ("AudienceValidator",)
 
 
 class AudienceValidator:
-    """Accepts a token when one of its audiences is configured; exact, case-sensitive."""
+    """Accepts a token when one of its audiences is configured (exact match)."""
 
     name = "audience"
 

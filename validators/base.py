@@ -1,4 +1,4 @@
-"""The validator protocol and the small protocols validators receive from the service."""
+"""The validator protocol and the small protocols validators receive."""
 
 from __future__ import annotations
 

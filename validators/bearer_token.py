@@ -1,4 +1,4 @@
-"""Checks that exactly one bearer token is present and has a strict compact-JWS shape."""
+"""Checks for exactly one bearer token with a strict compact-JWS shape."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ def verified_claims(context: AuthContext) -> Mapping[str, Any]:
 
 
 def numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
-    """A NumericDate claim (RFC 7519 §2): a finite JSON number, never a string or bool."""
+    """A NumericDate claim (RFC 7519 §2): a finite JSON number, not a string or bool."""
     if name not in claims:
         return None
     value = claims[name]

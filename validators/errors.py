@@ -57,8 +57,9 @@ class CredentialsInQuery(AuthError):
     status = 400
     code = "CredentialsInQuery"
     default_message = (
-        "Credentials are not accepted in the query string. Send the subscription key "
-        "in the Ocp-Apim-Subscription-Key header and the token in the Authorization header"
+        "Credentials are not accepted in the query string. Send the subscription "
+        "key in the Ocp-Apim-Subscription-Key header and the token in the "
+        "Authorization header"
     )
     challenge = "invalid_request"
 
@@ -66,7 +67,9 @@ class CredentialsInQuery(AuthError):
 class AmbiguousCredentials(AuthError):
     status = 400
     code = "AmbiguousCredentials"
-    default_message = "Send exactly one Authorization and one Ocp-Apim-Subscription-Key header"
+    default_message = (
+        "Send exactly one Authorization and one Ocp-Apim-Subscription-Key header"
+    )
     challenge = "invalid_request"
 
 
@@ -90,7 +93,9 @@ class SubscriptionKeyInvalid(AuthError):
 
 class TokenNotPresent(AuthError):
     code = "TokenNotPresent"
-    default_message = "Access denied due to missing bearer token in the Authorization header"
+    default_message = (
+        "Access denied due to missing bearer token in the Authorization header"
+    )
     challenge = None
 
 

@@ -37,4 +37,6 @@ class IssuerValidator:
             raise TokenClaimInvalid("The bearer token version (ver) is not 1.0 or 2.0")
         # Entra's v2 issuers end in /v2.0 and v1 issuers do not (J-42).
         if (ver == "2.0") != iss.endswith("/v2.0"):
-            raise TokenIssuerNotAllowed("The bearer token issuer does not match its version")
+            raise TokenIssuerNotAllowed(
+                "The bearer token issuer does not match its version"
+            )

@@ -1,4 +1,4 @@
-"""Strict decoding of compact-JWS segments: canonical base64url and plain JSON objects."""
+"""Strict decoding of compact-JWS segments: canonical base64url, plain JSON."""
 
 from __future__ import annotations
 

@@ -44,4 +44,6 @@ class LifetimeValidator:
             raise TokenClaimInvalid("The bearer token is valid only after it expires")
         start = iat if iat is not None else now
         if exp - start > self._max_lifetime + leeway:
-            raise TokenClaimInvalid("The bearer token lives longer than this API allows")
+            raise TokenClaimInvalid(
+                "The bearer token lives longer than this API allows"
+            )

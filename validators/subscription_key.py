@@ -1,9 +1,13 @@
-"""Checks the APIM subscription key: present, exactly one, belonging to an active subscription."""
+"""Checks the APIM subscription key: present, exactly one, of an active subscription."""
 
 from __future__ import annotations
 
 from .base import AuthContext, SubscriptionLookup
-from .errors import AmbiguousCredentials, SubscriptionKeyInvalid, SubscriptionKeyNotFound
+from .errors import (
+    AmbiguousCredentials,
+    SubscriptionKeyInvalid,
+    SubscriptionKeyNotFound,
+)
 
 __all__ = ("SUBSCRIPTION_KEY_HEADER", "SubscriptionKeyValidator")
 

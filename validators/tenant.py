@@ -10,7 +10,7 @@ __all__ = ("TenantValidator",)
 
 
 class TenantValidator:
-    """A valid signature is not enough: Entra's keys are shared by every tenant (J-44)."""
+    """A valid signature is not enough: Entra's keys serve every tenant (J-44)."""
 
     name = "tenant"
 
