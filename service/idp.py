@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
 from .log import idp_logger
-from .logging_security import register_secret
+from .logging_security import fingerprint, register_secret
 
 __all__ = (
     "DEFAULT_APP_ID",
@@ -871,7 +871,7 @@ class LocalIdentityProvider:
             extra={
                 "client_id": client.client_id,
                 "kid": self._current_kid,
-                "token_fp": hashlib.sha256(token.encode()).hexdigest()[:12],
+                "token_fp": fingerprint(token),
             },
         )
         return _json_response(

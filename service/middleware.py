@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import secrets
@@ -26,6 +25,7 @@ from validators.roles import token_roles, token_scopes
 
 from .appkeys import AUTH_REJECTION, CHAIN, IDENTITY, REQUEST_ID, SETTINGS, TOKEN_CACHE
 from .log import app_logger, auth_logger
+from .logging_security import fingerprint
 from .metrics import REQUEST_COUNTERS
 from .policy import policy_of
 from .rate_limit import AUTH_THROTTLE, RATE_LIMIT_USAGE, TRUSTED_PROXIES, client_address
@@ -126,7 +126,7 @@ def _reject(
             "path": request.path,
         }
         if context.token is not None:
-            fields["token_fp"] = _fingerprint(context.token)
+            fields["token_fp"] = fingerprint(context.token)
         if context.subscription is not None:
             fields["subscription"] = context.subscription.name
         auth_logger.log(level, "auth.rejected", extra=fields)
@@ -175,7 +175,3 @@ def _string(claims: Any, name: str) -> str | None:
 
 def _code_for(exc: web.HTTPException) -> str:
     return "".join(word.capitalize() for word in exc.reason.split()) or "Error"
-
-
-def _fingerprint(token: str) -> str:
-    return hashlib.sha256(token.encode("ascii")).hexdigest()[:12]
