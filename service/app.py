@@ -25,8 +25,8 @@ from .jose_backend import ensure_cryptography_backend
 from .jwks import JwksCache, JwksPolicy
 from .keystore import KeyStoreWatcher
 from .log import app_logger
-from .metrics import setup_metrics
-from .middleware import auth_middleware
+from .metrics import RequestCounters, setup_metrics
+from .middleware import AuthGate
 from .rate_limit import (
     AUTH_THROTTLE,
     RATE_LIMITER,
@@ -34,7 +34,6 @@ from .rate_limit import (
     FailedAuthThrottle,
     SubscriptionRateLimiter,
     WindowCounter,
-    add_rate_limit_headers,
     parse_trusted_proxies,
 )
 from .routes import add_routes
@@ -88,24 +87,42 @@ def create_app(
         store=store,
     )
     token_cache = TokenCache(
-        settings.token_cache_size, clock=clock, keys_usable=lambda: jwks.ready
+        settings.token_cache_size, clock=clock, keys_usable=jwks.keys_usable
     )
     jwks.add_listener(token_cache.retain_kids)
+    # Any change to subscriptions or keys drops every cached verdict; with a
+    # lookup of the caller's own, the key is checked on every request instead.
+    if watcher is not None:
+        watcher.add_listener(lambda _store: token_cache.clear())
+    if sharing is not None:
+        sharing.add_listener(token_cache.clear)
     validators = (
         *default_validators(
             settings,
             subscriptions=subscriptions,
             keys=jwks,
             clock=clock,
-            token_cache=token_cache if token_cache.enabled else None,
             rate_limiter=rate_limiter,
+            subscriptions_notify_changes=watcher is not None,
         ),
         *extra_validators,
         *load_extra_validators(settings.extra_validators, settings),
     )
     chain = ValidatorChain(validators)
+    counters = RequestCounters()
+    trusted = parse_trusted_proxies(settings.trusted_proxies)
+    gate = AuthGate(
+        chain=chain,
+        cache=token_cache,
+        throttle=throttle,
+        trusted_proxies=trusted,
+        counters=counters,
+        realm=settings.realm,
+        max_token_bytes=settings.max_token_bytes,
+    )
 
-    app = web.Application(middlewares=[auth_middleware])
+    app = web.Application()
+    gate.install(app)
     app[SETTINGS] = settings
     app[JWKS] = jwks
     app[TOKEN_CACHE] = token_cache
@@ -116,12 +133,16 @@ def create_app(
     app[SHARED_STORE] = shared
     app[RATE_LIMITER] = rate_limiter
     app[AUTH_THROTTLE] = throttle
-    app[TRUSTED_PROXIES] = parse_trusted_proxies(settings.trusted_proxies)
-    app.on_response_prepare.append(add_rate_limit_headers)
+    app[TRUSTED_PROXIES] = trusted
     add_routes(app)
     add_docs_routes(app, settings)
     setup_metrics(
-        app, settings, jwks=jwks, token_cache=token_cache, key_watcher=watcher
+        app,
+        settings,
+        jwks=jwks,
+        token_cache=token_cache,
+        key_watcher=watcher,
+        counters=counters,
     )
     # Before the key cache: started first, so a replica has the fleet's
     # subscription state before it serves; closed last.

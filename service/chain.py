@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import importlib
-import inspect
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from validators import (
     AccessTokenValidator,
@@ -21,7 +20,6 @@ from validators import (
     SubscriptionLookup,
     TenantValidator,
     Validator,
-    VerifiedTokenCache,
 )
 from validators.rate_limit import RateLimiter, RateLimitValidator
 
@@ -30,8 +28,17 @@ from .settings import Settings, SettingsError
 __all__ = ("ValidatorChain", "default_validators", "load_extra_validators")
 
 
+Step = Callable[[AuthContext], Awaitable[None] | None]
+
+
 class ValidatorChain:
-    """Runs validators in order; the first failure answers the request."""
+    """Runs validators in order; the first failure answers the request.
+
+    ``run`` returns ``None`` when every step finished without waiting, else an
+    awaitable for the rest of the chain: a request whose checks never wait
+    costs no coroutine. ``run_cached`` runs only the steps that are not
+    ``cacheable``, for credentials the verdict cache already holds.
+    """
 
     def __init__(self, validators: Iterable[Validator]) -> None:
         self.validators: tuple[Validator, ...] = tuple(validators)
@@ -39,14 +46,47 @@ class ValidatorChain:
             raise ValueError("the validator chain is empty: every request would pass")
         for validator in self.validators:
             _check_validator(validator)
+        self._steps: tuple[Step, ...] = tuple(v.validate for v in self.validators)
+        self._per_request: tuple[Step, ...] = tuple(
+            v.validate for v in self.validators if not _cacheable(v)
+        )
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(validator.name for validator in self.validators)
 
-    async def run(self, context: AuthContext) -> None:
-        for validator in self.validators:
-            await validator.validate(context)
+    @property
+    def per_request(self) -> tuple[Validator, ...]:
+        """The validators that run even for cached credentials."""
+        return tuple(v for v in self.validators if not _cacheable(v))
+
+    def run(self, context: AuthContext) -> Awaitable[None] | None:
+        return _drive(self._steps, context)
+
+    def run_cached(self, context: AuthContext) -> Awaitable[None] | None:
+        return _drive(self._per_request, context)
+
+
+def _drive(steps: tuple[Step, ...], context: AuthContext) -> Awaitable[None] | None:
+    for index, step in enumerate(steps):
+        pending = step(context)
+        if pending is not None:
+            return _finish(pending, steps[index + 1 :], context)
+    return None
+
+
+async def _finish(
+    pending: Awaitable[None], rest: tuple[Step, ...], context: AuthContext
+) -> None:
+    await pending
+    for step in rest:
+        more = step(context)
+        if more is not None:
+            await more
+
+
+def _cacheable(validator: Validator) -> bool:
+    return getattr(validator, "cacheable", False) is True
 
 
 def default_validators(
@@ -55,8 +95,8 @@ def default_validators(
     subscriptions: SubscriptionLookup,
     keys: SigningKeyProvider,
     clock: Callable[[], float],
-    token_cache: VerifiedTokenCache | None = None,
     rate_limiter: RateLimiter | None = None,
+    subscriptions_notify_changes: bool = False,
 ) -> tuple[Validator, ...]:
     """The built-in order, written down once: cheapest and least trusting first.
 
@@ -65,14 +105,18 @@ def default_validators(
     The rate limit follows the key, whose subscription it counts, and precedes
     the token: as APIM's ``rate-limit`` ahead of ``validate-jwt``, every call
     with a valid key counts, and a caller over its limit costs no RSA check.
+    ``subscriptions_notify_changes`` says the caller drops cached verdicts on
+    every key-store change, so the key check may be served from that cache.
     """
     rate_limit = () if rate_limiter is None else (RateLimitValidator(rate_limiter),)
     return (
         QueryCredentialsValidator(),
-        SubscriptionKeyValidator(subscriptions),
+        SubscriptionKeyValidator(
+            subscriptions, cacheable=subscriptions_notify_changes
+        ),
         *rate_limit,
         BearerTokenValidator(settings.max_token_bytes),
-        SignatureValidator(keys, token_cache),
+        SignatureValidator(keys),
         LifetimeValidator(
             clock, settings.clock_skew_seconds, settings.max_token_lifetime_seconds
         ),
@@ -119,5 +163,5 @@ def _check_validator(validator: object) -> None:
     validate = getattr(validator, "validate", None)
     if not isinstance(name, str) or not name:
         raise TypeError(f"{validator!r} has no name")
-    if not inspect.iscoroutinefunction(validate):
-        raise TypeError(f"validator {name!r} needs an async validate(context) method")
+    if not callable(validate):
+        raise TypeError(f"validator {name!r} needs a validate(context) method")

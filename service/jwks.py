@@ -212,11 +212,28 @@ class JwksCache:
         keyset = self._usable_keyset()
         return None if keyset is None else keyset.keys.get(kid)
 
+    def current_key(self, kid: str) -> VerificationKey | None:
+        """The key for ``kid`` in the usable set, without waiting; else ``None``."""
+        keyset = self._keyset
+        if keyset is None:
+            return None
+        if self._monotonic() - keyset.fetched_at > self._policy.max_stale_seconds:
+            return None
+        return keyset.keys.get(kid)
+
     # -- state -----------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
         return self._usable_keyset() is not None
+
+    def keys_usable(self) -> bool:
+        """``ready`` as a plain method: the verdict cache asks on every hit."""
+        keyset = self._keyset
+        return (
+            keyset is not None
+            and self._monotonic() - keyset.fetched_at <= self._policy.max_stale_seconds
+        )
 
     @property
     def kids(self) -> frozenset[str]:

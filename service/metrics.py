@@ -218,9 +218,10 @@ def setup_metrics(
     jwks: JwksCache,
     token_cache: TokenCache,
     key_watcher: KeyStoreWatcher | None,
+    counters: RequestCounters | None = None,
 ) -> RequestCounters:
     """Register the counters, the registry, ``/metrics`` and the metrics port."""
-    counters = RequestCounters()
+    counters = counters if counters is not None else RequestCounters()
     registry = CollectorRegistry()
     registry.register(ServiceCollector(counters, jwks, token_cache, key_watcher))
     ProcessCollector(registry=registry)

@@ -39,6 +39,7 @@ __all__ = (
     "auth_error_codes",
     "build_openapi",
     "documented",
+    "hidden",
     "operation_doc_of",
     "render_openapi",
 )
@@ -52,6 +53,7 @@ SUBSCRIPTION_KEY_HEADER = "Ocp-Apim-Subscription-Key"
 _TITLE = "rag-api-core"
 _DEFAULT_TAG = "api"
 _ATTRIBUTE = "__operation_doc__"
+_HIDDEN = "__openapi_hidden__"
 _PATH_PARAMETER = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
 _EVERY_METHOD = ("get", "post", "put", "patch", "delete")
 _JSON = "application/json"
@@ -118,6 +120,12 @@ def documented(
         return handler
 
     return mark
+
+
+def hidden(handler: HandlerT) -> HandlerT:
+    """Leave a route out of the document (the gate's catch-all for unknown paths)."""
+    setattr(handler, _HIDDEN, True)
+    return handler
 
 
 def operation_doc_of(handler: object) -> OperationDoc:
@@ -424,6 +432,8 @@ def _example_body(cls: type[AuthError], settings: Settings) -> Any:
 
 def _routes(app: web.Application) -> Iterator[tuple[str, str, web.AbstractRoute]]:
     for route in app.router.routes():
+        if getattr(route.handler, _HIDDEN, False):
+            continue
         method = route.method.lower()
         if method == "head":
             # aiohttp adds a HEAD twin to every GET; it answers the same way.

@@ -13,7 +13,7 @@ import hashlib
 import ipaddress
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -29,14 +29,12 @@ from .shared_store import SharedStore, SharedStoreUnavailable, UnexpectedReply
 __all__ = (
     "AUTH_THROTTLE",
     "RATE_LIMITER",
-    "RATE_LIMIT_USAGE",
     "TRUSTED_PROXIES",
     "FailedAuthThrottle",
     "LocalCounter",
     "SubscriptionRateLimiter",
     "WindowCount",
     "WindowCounter",
-    "add_rate_limit_headers",
     "client_address",
     "client_bucket",
     "parse_trusted_proxies",
@@ -243,11 +241,24 @@ class FailedAuthThrottle:
         self._max_entries = max_entries
         self._monotonic = monotonic
         self._blocked: dict[str, float] = {}
+        # Read by the gate: while empty, no client address need be looked up.
+        self.blocked: Mapping[str, float] = self._blocked
+        self._blocked_until = -math.inf  # the latest deadline in ``_blocked``
         self.throttled = 0
 
     @property
     def limit(self) -> RateLimit | None:
         return self._limit
+
+    @property
+    def blocking(self) -> bool:
+        """Whether any client may be blocked now: when not, nobody need be looked up."""
+        if not self._blocked:
+            return False
+        if self._monotonic() >= self._blocked_until:
+            self._blocked.clear()
+            return False
+        return True
 
     def retry_after(self, client: str) -> int | None:
         """Seconds this client must wait, or ``None`` when it may try."""
@@ -275,7 +286,9 @@ class FailedAuthThrottle:
 
         newly = client not in self._blocked
         self._blocked.pop(client, None)
-        self._blocked[client] = self._monotonic() + seen.reset_ms / 1000
+        until = self._monotonic() + seen.reset_ms / 1000
+        self._blocked[client] = until
+        self._blocked_until = max(self._blocked_until, until)
         if len(self._blocked) > self._max_entries:
             del self._blocked[next(iter(self._blocked))]
         if newly:
@@ -355,23 +368,6 @@ def _remaining_ms(ends: float, now: float) -> int:
     return max(0, int((ends - now) * 1000))
 
 
-async def add_rate_limit_headers(
-    request: web.Request, response: web.StreamResponse
-) -> None:
-    """``on_response_prepare``: the ``RateLimit-*`` headers of a counted call.
-
-    A hook rather than the middleware, so that streamed responses and handler
-    errors carry them too.
-    """
-    usage = request.get(RATE_LIMIT_USAGE)
-    if usage is None:
-        return
-    response.headers["RateLimit-Limit"] = str(usage.limit)
-    response.headers["RateLimit-Remaining"] = str(usage.remaining)
-    response.headers["RateLimit-Reset"] = str(usage.reset_seconds)
-
-
 RATE_LIMITER: web.AppKey[SubscriptionRateLimiter] = web.AppKey("rate_limiter")
 AUTH_THROTTLE: web.AppKey[FailedAuthThrottle] = web.AppKey("auth_throttle")
 TRUSTED_PROXIES: web.AppKey[tuple[Network, ...]] = web.AppKey("trusted_proxies")
-RATE_LIMIT_USAGE: web.RequestKey[RateLimitUsage] = web.RequestKey("rate_limit_usage")

@@ -183,7 +183,12 @@ class SharedSubscriptions:
         self.published = 0
         self.adopted = 0
         self.refused = 0
+        self._listeners: list[Callable[[], object]] = []
         watcher.add_listener(self._on_local_change)
+
+    def add_listener(self, listener: Callable[[], object]) -> None:
+        """Called each time a shared state from another replica is adopted."""
+        self._listeners.append(listener)
 
     # -- SubscriptionLookup ------------------------------------------------------
 
@@ -352,6 +357,8 @@ class SharedSubscriptions:
         self._overlay = shared
         self._last_problem = None
         self.adopted += 1
+        for listener in self._listeners:
+            listener()
         keys_logger.info(
             "subscriptions.shared_state_adopted",
             extra={

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
-from service.appkeys import KEY_WATCHER
+from service.appkeys import KEY_WATCHER, TOKEN_CACHE
 from service.chain import ValidatorChain
 from service.idp import LocalIdentityProvider
 from service.keystore import KeyStoreWatcher
@@ -289,12 +291,92 @@ def test_empty_chain_refuses_to_be_built() -> None:
         ValidatorChain(())
 
 
-def test_validator_without_async_validate_is_refused() -> None:
-    class Sync:
-        name = "sync"
+def test_validator_without_a_validate_method_is_refused() -> None:
+    class Broken:
+        name = "broken"
+        validate = None
 
-        def validate(self, context: AuthContext) -> None:
+    with pytest.raises(TypeError, match="validate"):
+        ValidatorChain((Broken(),))  # type: ignore[arg-type]
+
+
+class _Step:
+    """Records its name; ``mode`` says how it answers the chain."""
+
+    def __init__(self, name: str, mode: str, seen: list[str]) -> None:
+        self.name = name
+        self.mode = mode
+        self.seen = seen
+
+    def validate(self, context: AuthContext) -> Awaitable[None] | None:
+        if self.mode == "sync":
+            self.seen.append(self.name)
             return None
+        return self._later()
 
-    with pytest.raises(TypeError, match="async"):
-        ValidatorChain((Sync(),))  # type: ignore[arg-type]
+    async def _later(self) -> None:
+        await asyncio.sleep(0)
+        self.seen.append(self.name)
+        if self.mode == "fail":
+            raise InsufficientRole()
+
+
+async def test_plain_and_awaiting_validators_run_in_order() -> None:
+    seen: list[str] = []
+    chain = ValidatorChain(
+        [
+            _Step("a", "sync", seen),
+            _Step("b", "wait", seen),
+            _Step("c", "sync", seen),
+            _Step("d", "wait", seen),
+        ]
+    )
+    context = AuthContext(CIMultiDictProxy(CIMultiDict()), MultiDictProxy(MultiDict()))
+    pending = chain.run(context)
+    assert seen == ["a"]  # it stopped at the first step that has to wait
+    assert pending is not None
+    await pending
+    assert seen == ["a", "b", "c", "d"]
+
+
+async def test_a_failing_step_stops_the_chain() -> None:
+    seen: list[str] = []
+    chain = ValidatorChain(
+        [_Step("a", "fail", seen), _Step("b", "sync", seen)]  # b must not run
+    )
+    context = AuthContext(CIMultiDictProxy(CIMultiDict()), MultiDictProxy(MultiDict()))
+    pending = chain.run(context)
+    assert pending is not None
+    with pytest.raises(InsufficientRole):
+        await pending
+    assert seen == ["a"]
+
+
+class _Counting:
+    """A user's validator that counts its calls; ``cacheable`` as given."""
+
+    name = "counting"
+
+    def __init__(self, cacheable: bool) -> None:
+        self.cacheable = cacheable
+        self.calls = 0
+
+    def validate(self, context: AuthContext) -> None:
+        self.calls += 1
+
+
+@pytest.mark.parametrize(("cacheable", "calls"), [(False, 3), (True, 1)])
+async def test_extra_validators_run_on_cached_credentials_unless_cacheable(
+    make_client: MakeClient,
+    idp: LocalIdentityProvider,
+    key_store: Credentials,
+    cacheable: bool,
+    calls: int,
+) -> None:
+    validator = _Counting(cacheable)
+    client = await make_client(app_kwargs={"extra_validators": [validator]})
+    headers = auth_headers(idp.mint_token(), key_store.primary)
+    for _ in range(3):
+        assert (await client.get("/api/v2/whoami", headers=headers)).status == 200
+    assert client.app[TOKEN_CACHE].stats.hits == 2
+    assert validator.calls == calls

@@ -34,7 +34,7 @@ from jose.backends import RSAKey
 from jose.backends.cryptography_backend import CryptographyRSAKey
 from jose.exceptions import JOSEError, JWKError, JWTError
 
-from service.appkeys import JWKS
+from service.appkeys import JWKS, SETTINGS
 from service.idp import LocalIdentityProvider
 from service.jose_backend import ensure_cryptography_backend
 from service.jwks import build_key_set
@@ -649,3 +649,45 @@ async def test_access_log_aiohttp_writes_the_query_string_and_ours_does_not(
 def test_default_client_timeout_aiohttp_is_300_seconds() -> None:
     """R-03: the service's own timeouts are tested in tests/test_faults.py."""
     assert aiohttp.client.DEFAULT_TIMEOUT.total == 300
+
+
+async def test_aiohttp_routes_keep_their_handler_in_handler_which_the_gate_replaces(
+    make_client: MakeClient,
+) -> None:
+    """The gate wraps each route at start-up by setting ``route._handler`` (aiohttp
+    has no public way); were the attribute renamed, routes would be unguarded."""
+
+    async def plain(request: web.Request) -> web.Response:
+        return web.json_response({"reached": True})
+
+    bare = web.Application()
+    route = bare.router.add_get("/probe", plain)
+    assert route.handler is plain and route._handler is plain  # aiohttp's layout
+    client = await make_client(routes=[("/probe", plain)])
+    guarded = [r for r in client.app.router.routes() if r.resource.canonical == "/probe"]
+    assert guarded and all(r.handler is not plain for r in guarded)
+    assert all(getattr(r.handler, "__wrapped__", None) is plain for r in guarded)
+    response = await client.get("/probe")
+    assert response.status == 401  # reached the gate, not the handler
+
+
+async def test_aiohttp_runs_start_up_hooks_before_freezing_so_late_routes_fail_loudly(
+    make_client: MakeClient,
+) -> None:
+    """A route added by a later start-up hook would miss the gate: the gate freezes
+    the router, so adding one raises at start-up instead of serving it open."""
+    from service.app import create_app
+
+    async def late(app: web.Application) -> None:
+        app.router.add_get("/late", late_handler)
+
+    async def late_handler(request: web.Request) -> web.Response:
+        return web.json_response({"open": True})
+
+    client = await make_client()
+    app = create_app(client.app[SETTINGS])
+    app.on_startup.append(late)
+    runner = web.AppRunner(app)
+    with pytest.raises(RuntimeError, match="frozen"):
+        await runner.setup()
+    await runner.cleanup()

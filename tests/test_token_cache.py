@@ -3,63 +3,81 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
+import time
 
 from aiohttp import web
+from multidict import CIMultiDict
 
-from service.appkeys import JWKS, SETTINGS, TOKEN_CACHE
+from service.appkeys import JWKS, KEY_WATCHER, SETTINGS, TOKEN_CACHE
 from service.idp import LocalIdentityProvider
 from service.policy import requires
-from service.token_cache import TokenCache
+from service.metrics import REQUEST_COUNTERS
+from service.middleware import build_identity
+from service.token_cache import TokenCache, Verdict
 from tests.conftest import AppClient, Credentials, MakeClient, auth_headers
-from validators import VerifiedToken
+from validators import RateLimit, Subscription, VerifiedToken
+from validators.jose_parsing import decode_segment
 
 
-def _verified(kid: str = "k1", exp: float = 2_000.0) -> VerifiedToken:
-    return VerifiedToken(kid=kid, header={"alg": "RS256"}, claims={"exp": exp})
+def _verdict(kid: str = "k1", exp: float = 2_000.0) -> Verdict:
+    verified = VerifiedToken(kid=kid, header={"alg": "RS256"}, claims={"exp": exp})
+    subscription = Subscription(name="s", product="p")
+    identity = build_identity(subscription, verified)
+    return Verdict(subscription, verified, identity, exp, not_before=0.0)
+
+
+def _key(token: str) -> bytes:
+    return TokenCache.digest(f"Bearer {token}".encode(), b"subscription-key")
 
 
 def test_cache_holds_at_most_its_size_and_evicts_the_least_recent() -> None:
     cache = TokenCache(3, clock=lambda: 1_000.0)
     for n in range(5):
-        cache.put(f"token-{n}", _verified())
+        cache.put(_key(f"token-{n}"), _verdict())
     assert len(cache) == 3
-    assert cache.get("token-0") is None
-    assert cache.get("token-4") is not None
+    assert cache.get(_key("token-0")) is None
+    assert cache.get(_key("token-4")) is not None
     assert cache.stats.evictions == 2
 
 
 def test_entry_expires_at_the_token_exp() -> None:
     now = [1_000.0]
     cache = TokenCache(10, clock=lambda: now[0])
-    cache.put("t", _verified(exp=1_010.0))
-    assert cache.get("t") is not None
+    cache.put(_key("t"), _verdict(exp=1_010.0))
+    assert cache.get(_key("t")) is not None
     now[0] = 1_010.0
-    assert cache.get("t") is None
+    assert cache.get(_key("t")) is None
     assert len(cache) == 0
 
 
 def test_size_zero_turns_the_cache_off() -> None:
     cache = TokenCache(0)
-    cache.put("t", _verified())
+    cache.put(_key("t"), _verdict())
     assert not cache.enabled
-    assert cache.get("t") is None
+    assert cache.get(_key("t")) is None
     assert len(cache) == 0
 
 
 def test_entries_of_removed_keys_are_dropped() -> None:
     cache = TokenCache(10, clock=lambda: 1_000.0)
-    cache.put("a", _verified("k1"))
-    cache.put("b", _verified("k2"))
+    cache.put(_key("a"), _verdict("k1"))
+    cache.put(_key("b"), _verdict("k2"))
     assert cache.retain_kids({"k2"}) == 1
-    assert cache.get("a") is None
-    assert cache.get("b") is not None
+    assert cache.get(_key("a")) is None
+    assert cache.get(_key("b")) is not None
 
 
-def test_cache_keeps_no_token_text() -> None:
-    cache = TokenCache(10, clock=lambda: 1_000.0)
-    cache.put("secret-token-value", _verified())
-    assert all(isinstance(key, bytes) for key in cache._entries)
-    assert b"secret-token-value" not in b"".join(cache._entries)
+def test_cache_keys_are_digests_of_both_headers() -> None:
+    token, key = "secret-token-value", "secret-subscription-key"
+    digest = TokenCache.digest(f"Bearer {token}".encode(), key.encode())
+    assert len(digest) == 32
+    assert token.encode() not in digest and key.encode() not in digest
+    # Either header changed, even in case only, is another entry.
+    assert digest != TokenCache.digest(f"Bearer {token}".encode(), (key + "x").encode())
+    assert digest != TokenCache.digest(f"Bearer {token}x".encode(), key.encode())
+    assert digest != TokenCache.digest(f"bearer {token}".encode(), key.encode())
 
 
 async def test_valid_token_is_served_from_cache_on_the_second_request(
@@ -120,12 +138,12 @@ async def test_key_removal_evicts_cached_tokens(
 def test_nothing_is_served_while_the_signing_keys_are_unusable() -> None:
     usable = [True]
     cache = TokenCache(10, clock=lambda: 1_000.0, keys_usable=lambda: usable[0])
-    cache.put("t", _verified())
-    assert cache.get("t") is not None
+    cache.put(_key("t"), _verdict())
+    assert cache.get(_key("t")) is not None
     usable[0] = False
-    assert cache.get("t") is None
+    assert cache.get(_key("t")) is None
     usable[0] = True
-    assert cache.get("t") is not None
+    assert cache.get(_key("t")) is not None
 
 
 async def test_cached_token_gets_503_once_the_keys_are_too_stale(
@@ -144,3 +162,131 @@ async def test_cached_token_gets_503_once_the_keys_are_too_stale(
     response = await client.get("/api/v2/health", headers=headers)
     assert response.status == 503
     assert (await response.json())["code"] == "IdentityProviderUnavailable"
+
+
+# -- the verdict cache on the request path ---------------------------------------
+
+
+async def test_a_key_store_change_drops_every_cached_verdict(
+    client: AppClient, idp: LocalIdentityProvider, key_store: Credentials
+) -> None:
+    headers = auth_headers(idp.mint_token(), key_store.primary)
+    assert (await client.get("/api/v2/whoami", headers=headers)).status == 200
+    assert len(client.app[TOKEN_CACHE]) == 1
+    assert key_store.store.suspend("contoso")
+    assert client.app[KEY_WATCHER].reload_now()
+    assert len(client.app[TOKEN_CACHE]) == 0
+    response = await client.get("/api/v2/whoami", headers=headers)
+    assert response.status == 401
+    assert (await response.json())["code"] == "SubscriptionKeyInvalid"
+
+
+async def test_the_same_token_with_another_key_is_checked_again(
+    client: AppClient, idp: LocalIdentityProvider, key_store: Credentials
+) -> None:
+    token = idp.mint_token()
+    primary = auth_headers(token, key_store.primary)
+    assert (await client.get("/api/v2/whoami", headers=primary)).status == 200
+    wrong = auth_headers(token, key_store.primary[:-1] + "x")
+    response = await client.get("/api/v2/whoami", headers=wrong)
+    assert response.status == 401
+    assert (await response.json())["code"] == "SubscriptionKeyInvalid"
+    secondary = auth_headers(token, key_store.secondary)
+    assert (await client.get("/api/v2/whoami", headers=secondary)).status == 200
+    assert len(client.app[TOKEN_CACHE]) == 2
+
+
+async def test_a_cached_token_expires_at_exp_plus_the_leeway(
+    make_client: MakeClient, idp: LocalIdentityProvider, key_store: Credentials
+) -> None:
+    now = [time.time()]
+    client = await make_client(app_kwargs={"clock": lambda: now[0]})
+    token = idp.mint_token(lifetime=600)
+    headers = auth_headers(token, key_store.primary)
+    assert (await client.get("/api/v2/whoami", headers=headers)).status == 200
+    cache = client.app[TOKEN_CACHE]
+    assert (await client.get("/api/v2/whoami", headers=headers)).status == 200
+    assert cache.stats.hits == 1
+    leeway = client.app[SETTINGS].clock_skew_seconds
+    exp = json.loads(decode_segment(token.split(".")[1]))["exp"]
+    now[0] = exp - 1
+    assert (await client.get("/api/v2/whoami", headers=headers)).status == 200
+    # At exp the entry is gone; within the leeway the whole chain still admits.
+    now[0] = exp
+    assert (await client.get("/api/v2/whoami", headers=headers)).status == 200
+    now[0] = exp + leeway
+    response = await client.get("/api/v2/whoami", headers=headers)
+    assert response.status == 401
+    assert (await response.json())["code"] == "TokenExpired"
+
+
+async def test_a_cached_token_is_refused_before_its_nbf(
+    make_client: MakeClient, idp: LocalIdentityProvider, key_store: Credentials
+) -> None:
+    now = [time.time()]
+    client = await make_client(app_kwargs={"clock": lambda: now[0]})
+    headers = auth_headers(idp.mint_token(), key_store.primary)
+    assert (await client.get("/api/v2/whoami", headers=headers)).status == 200
+    leeway = client.app[SETTINGS].clock_skew_seconds
+    nbf = next(iter(client.app[TOKEN_CACHE].entries.values())).not_before
+    now[0] = nbf - leeway - 1  # the clock stepped back
+    response = await client.get("/api/v2/whoami", headers=headers)
+    assert response.status == 401
+    assert (await response.json())["code"] == "TokenNotYetValid"
+
+
+async def test_cached_credentials_in_the_query_too_are_still_refused(
+    client: AppClient, idp: LocalIdentityProvider, key_store: Credentials
+) -> None:
+    headers = auth_headers(idp.mint_token(), key_store.primary)
+    assert (await client.get("/api/v2/whoami", headers=headers)).status == 200
+    response = await client.get(
+        "/api/v2/whoami", headers=headers, params={"subscription-key": "x"}
+    )
+    assert response.status == 400
+    assert (await response.json())["code"] == "CredentialsInQuery"
+    # Another query string is fine, and takes the whole chain.
+    ok = await client.get("/api/v2/whoami", headers=headers, params={"q": "1"})
+    assert ok.status == 200
+
+
+async def test_a_second_authorization_header_is_never_served_from_the_cache(
+    client: AppClient, idp: LocalIdentityProvider, key_store: Credentials
+) -> None:
+    token = idp.mint_token()
+    headers = auth_headers(token, key_store.primary)
+    assert (await client.get("/api/v2/whoami", headers=headers)).status == 200
+    doubled = CIMultiDict(headers)
+    doubled.add("Authorization", f"Bearer {token}")
+    response = await client.get("/api/v2/whoami", headers=doubled)
+    assert response.status == 400
+    assert (await response.json())["code"] == "AmbiguousCredentials"
+
+
+async def test_a_throttled_address_is_refused_even_with_cached_credentials(
+    make_client: MakeClient, idp: LocalIdentityProvider, key_store: Credentials
+) -> None:
+    client = await make_client(auth_failure_limit=RateLimit(calls=3, period_seconds=60))
+    headers = auth_headers(idp.mint_token(), key_store.primary)
+    assert (await client.get("/api/v2/whoami", headers=headers)).status == 200
+    for _ in range(3):
+        response = await client.get("/api/v2/whoami")
+        assert response.status == 401
+    response = await client.get("/api/v2/whoami", headers=headers)
+    assert response.status == 429
+    assert (await response.json())["code"] == "TooManyFailedAttempts"
+
+
+async def test_short_path_answers_carry_the_request_id_and_count(
+    client: AppClient, idp: LocalIdentityProvider, key_store: Credentials
+) -> None:
+    headers = auth_headers(idp.mint_token(), key_store.primary)
+    first = await client.get("/api/v2/whoami", headers=headers)
+    second = await client.get(
+        "/api/v2/whoami", headers={**headers, "x-request-id": "abc-123"}
+    )
+    assert first.status == second.status == 200
+    assert re.fullmatch(r"[0-9a-f]{32}", first.headers["x-request-id"])
+    assert second.headers["x-request-id"] == "abc-123"
+    assert client.app[TOKEN_CACHE].stats.hits == 1
+    assert client.app[REQUEST_COUNTERS].responses[200] == 2

@@ -13,7 +13,8 @@ from .base import (
     Validator,
     VerificationKey,
     VerifiedToken,
-    VerifiedTokenCache,
+    token_roles,
+    token_scopes,
 )
 from .bearer_token import BearerTokenValidator
 from .errors import (
@@ -41,7 +42,6 @@ from .issuer import IssuerValidator
 from .lifetime import LifetimeValidator
 from .query_credentials import QueryCredentialsValidator
 from .rate_limit import (
-    RateLimitedContext,
     RateLimiter,
     RateLimitUsage,
     RateLimitValidator,
@@ -72,7 +72,6 @@ __all__ = (
     "RateLimitExceeded",
     "RateLimitUsage",
     "RateLimitValidator",
-    "RateLimitedContext",
     "RateLimiter",
     "RoleValidator",
     "SignatureValidator",
@@ -97,5 +96,6 @@ __all__ = (
     "Validator",
     "VerificationKey",
     "VerifiedToken",
-    "VerifiedTokenCache",
+    "token_roles",
+    "token_scopes",
 )

@@ -15,13 +15,14 @@ class AudienceValidator:
     """Accepts a token when one of its audiences is configured (exact match)."""
 
     name = "audience"
+    cacheable = True
 
     def __init__(self, audiences: Iterable[str]) -> None:
         self._audiences = frozenset(audiences)
         if not self._audiences:
             raise ValueError("at least one audience is required")
 
-    async def validate(self, context: AuthContext) -> None:
+    def validate(self, context: AuthContext) -> None:
         aud = verified_claims(context).get("aud")
         if isinstance(aud, str):
             if aud in self._audiences:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -14,13 +14,15 @@ __all__ = (
     "Clock",
     "Identity",
     "RateLimit",
+    "RateLimitUsage",
     "SigningKeyProvider",
     "Subscription",
     "SubscriptionLookup",
     "Validator",
     "VerificationKey",
     "VerifiedToken",
-    "VerifiedTokenCache",
+    "token_roles",
+    "token_scopes",
 )
 
 
@@ -30,6 +32,20 @@ class RateLimit:
 
     calls: int
     period_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitUsage:
+    """Where a subscription stands in its current renewal period after this call.
+
+    ``reset_seconds`` is how long until the period renews (at least 1), the value
+    of both ``RateLimit-Reset`` and, once over the limit, ``Retry-After``.
+    """
+
+    limit: int
+    remaining: int
+    reset_seconds: int
+    exceeded: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +94,22 @@ class Identity:
         }
 
 
+def token_roles(claims: Mapping[str, Any]) -> frozenset[str]:
+    """The string members of a ``roles`` array; anything else grants nothing (J-51)."""
+    roles = claims.get("roles")
+    if not isinstance(roles, list):
+        return frozenset()
+    return frozenset(role for role in roles if isinstance(role, str))
+
+
+def token_scopes(claims: Mapping[str, Any]) -> frozenset[str]:
+    """``scp`` split on single spaces; an array or other type grants nothing (J-54)."""
+    scp = claims.get("scp")
+    if not isinstance(scp, str):
+        return frozenset()
+    return frozenset(part for part in scp.split(" ") if part)
+
+
 @dataclass(frozen=True, slots=True)
 class VerifiedToken:
     """A token whose signature verified: its parsed header and claims."""
@@ -97,16 +129,33 @@ class AuthContext:
     subscription: Subscription | None = None
     token: str | None = None
     verified: VerifiedToken | None = None
+    # True when subscription, token and verified come from the verdict cache:
+    # only the validators that are not ``cacheable`` run (see ``Validator``).
     from_cache: bool = False
     identity: Identity | None = None
+    # Set by the rate-limit step, for the ``RateLimit-*`` response headers.
+    usage: RateLimitUsage | None = None
 
 
 class Validator(Protocol):
-    """One step of the chain: returns on success, raises an ``AuthError`` otherwise."""
+    """One step of the chain: returns on success, raises an ``AuthError`` otherwise.
+
+    ``validate`` may be a plain method (it returns ``None``) or a coroutine
+    function; a plain method may also return an awaitable when, this time, it
+    has to wait (a key fetch, a Redis call). The chain awaits only then, so the
+    checks that never wait cost no coroutine.
+
+    A validator may set ``cacheable = True`` when its verdict depends only on
+    the credential headers, the settings, the key store and the signing keys.
+    Requests whose exact credential headers already passed the whole chain skip
+    those validators (``AuthContext.from_cache``); the others (time claims,
+    per-route roles, rate limits, and any validator without the attribute) run
+    on every request.
+    """
 
     name: str
 
-    async def validate(self, context: AuthContext) -> None: ...
+    def validate(self, context: AuthContext) -> Awaitable[None] | None: ...
 
 
 class SubscriptionLookup(Protocol):
@@ -131,11 +180,13 @@ class SigningKeyProvider(Protocol):
 
     async def key_for(self, kid: str) -> VerificationKey | None: ...
 
+    def current_key(self, kid: str) -> VerificationKey | None:
+        """The key when it is in the current usable set, without waiting.
 
-class VerifiedTokenCache(Protocol):
-    """Remembers tokens that passed every check, keyed by a hash of the token."""
-
-    def get(self, token: str) -> VerifiedToken | None: ...
+        ``None`` says nothing more than "ask ``key_for``": the kid may be
+        unknown, or the keys may be missing or stale.
+        """
+        ...
 
 
 class Clock(Protocol):

@@ -24,11 +24,12 @@ class BearerTokenValidator:
     """Extracts the token from the single ``Authorization: Bearer`` header."""
 
     name = "bearer-token"
+    cacheable = True
 
     def __init__(self, max_token_bytes: int) -> None:
         self._max_token_bytes = max_token_bytes
 
-    async def validate(self, context: AuthContext) -> None:
+    def validate(self, context: AuthContext) -> None:
         values = context.headers.getall("Authorization", ())
         if len(values) > 1:
             raise AmbiguousCredentials()

@@ -17,13 +17,14 @@ class IssuerValidator:
     """Exact string match of ``iss`` (OpenID Connect Core §3.1.3.7)."""
 
     name = "issuer"
+    cacheable = True
 
     def __init__(self, issuers: Iterable[str]) -> None:
         self._issuers = frozenset(issuers)
         if not self._issuers:
             raise ValueError("at least one issuer is required")
 
-    async def validate(self, context: AuthContext) -> None:
+    def validate(self, context: AuthContext) -> None:
         claims = verified_claims(context)
         iss = claims.get("iss")
         if not isinstance(iss, str) or iss not in self._issuers:

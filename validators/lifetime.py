@@ -13,14 +13,34 @@ class LifetimeValidator:
     """Rejects tokens outside their validity window; ``exp`` is required."""
 
     name = "lifetime"
+    # Not cacheable: time moves. Cached tokens take the short path below.
 
     def __init__(self, clock: Clock, leeway: int, max_lifetime: int) -> None:
         self._clock = clock
         self._leeway = leeway
         self._max_lifetime = max_lifetime
 
-    async def validate(self, context: AuthContext) -> None:
+    @property
+    def leeway(self) -> int:
+        """Seconds of clock skew allowed on ``exp``, ``nbf`` and ``iat``."""
+        return self._leeway
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    def validate(self, context: AuthContext) -> None:
         claims = verified_claims(context)
+        if context.from_cache:
+            # Every other part of the verdict still holds (the claims were
+            # checked to be numbers, nbf <= exp, the lifetime cap); only time
+            # has moved on. Read directly: this runs on every cached request.
+            now = self._clock()
+            if now >= claims["exp"] + self._leeway:
+                raise TokenExpired()
+            if now + self._leeway < claims["nbf"]:
+                raise TokenNotYetValid()
+            return
         exp = numeric_date(claims, "exp")
         nbf = numeric_date(claims, "nbf")
         iat = numeric_date(claims, "iat")

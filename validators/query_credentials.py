@@ -19,7 +19,7 @@ class QueryCredentialsValidator:
 
     name = "query-credentials"
 
-    async def validate(self, context: AuthContext) -> None:
+    def validate(self, context: AuthContext) -> None:
         query = context.query
         if not query:
             return

@@ -2,45 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
 
-from .base import AuthContext
+from .base import AccessPolicy, AuthContext, token_roles, token_scopes
 from .claims import verified_claims
 from .errors import InsufficientRole
 
 __all__ = ("RoleValidator", "token_roles", "token_scopes")
 
 
-def token_roles(claims: Mapping[str, Any]) -> frozenset[str]:
-    """The string members of a ``roles`` array; anything else grants nothing (J-51)."""
-    roles = claims.get("roles")
-    if not isinstance(roles, list):
-        return frozenset()
-    return frozenset(role for role in roles if isinstance(role, str))
-
-
-def token_scopes(claims: Mapping[str, Any]) -> frozenset[str]:
-    """``scp`` split on single spaces; an array or other type grants nothing (J-54)."""
-    scp = claims.get("scp")
-    if not isinstance(scp, str):
-        return frozenset()
-    return frozenset(part for part in scp.split(" ") if part)
-
-
 class RoleValidator:
     """Scope or app permission: a configured role in ``roles`` or scope in ``scp``."""
 
     name = "roles"
+    # Not cacheable: each route has its own policy.
 
     def __init__(self, roles: Iterable[str], scopes: Iterable[str]) -> None:
         self._roles = tuple(roles)
         self._scopes = tuple(scopes)
 
-    async def validate(self, context: AuthContext) -> None:
-        policy = context.policy
+    def required(self, policy: AccessPolicy) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The roles and the scopes a route with ``policy`` asks for, any one of which
+        admits; both empty means no check."""
         roles = self._roles if policy.roles is None else policy.roles
         scopes = self._scopes if policy.scopes is None else policy.scopes
+        return roles, scopes
+
+    def validate(self, context: AuthContext) -> None:
+        roles, scopes = self.required(context.policy)
         if not roles and not scopes:
             return
 

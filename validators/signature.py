@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable
+from typing import Any
 
-from .base import AuthContext, SigningKeyProvider, VerifiedToken, VerifiedTokenCache
+from .base import AuthContext, SigningKeyProvider, VerificationKey, VerifiedToken
 from .errors import TokenInvalid, TokenSignatureInvalid, TokenSignatureKeyNotFound
 from .jose_parsing import decode_segment, parse_json_object
 
@@ -22,44 +24,79 @@ _REFUSED_HEADER_PARAMETERS = frozenset(
 
 
 class SignatureValidator:
-    """Checks the JOSE header, picks the key by ``kid`` and verifies the signature."""
+    """Checks the JOSE header, picks the key by ``kid`` and verifies the signature.
+
+    With the key already at hand (the usual case) this runs without waiting;
+    only a cold start, an unknown ``kid`` or stale keys take the async path.
+    """
 
     name = "signature"
+    cacheable = True
 
-    def __init__(
-        self, keys: SigningKeyProvider, cache: VerifiedTokenCache | None = None
-    ) -> None:
+    def __init__(self, keys: SigningKeyProvider) -> None:
         self._keys = keys
-        self._cache = cache
 
-    async def validate(self, context: AuthContext) -> None:
+    def validate(self, context: AuthContext) -> Awaitable[None] | None:
         token = context.token
         if token is None:
             raise RuntimeError("the signature validator needs the bearer validator")
-        if self._cache is not None:
-            cached = self._cache.get(token)
-            if cached is not None:
-                context.verified = cached
-                context.from_cache = True
-                return
 
-        header_segment, payload_segment, signature_segment = token.split(".")
-        if len(header_segment) > _MAX_HEADER_BYTES:
+        # One copy of the token as bytes; the segments and the signing input
+        # are slices of it.
+        try:
+            raw = token.encode("ascii")
+        except UnicodeEncodeError as err:
+            raise TokenInvalid("The bearer token is not a compact JWS") from err
+        first = raw.find(b".")
+        last = raw.rfind(b".")
+        if first < 0 or first == last or raw.count(b".") != 2:
+            raise TokenInvalid("The bearer token is not a compact JWS")
+        if first > _MAX_HEADER_BYTES:
             raise TokenInvalid("The bearer token header is too large")
-        header = parse_json_object(decode_segment(header_segment), "header")
+        header = parse_json_object(decode_segment(raw[:first]), "header")
         kid = _check_header(header)
-        signature = decode_segment(signature_segment)
-        payload_raw = decode_segment(payload_segment)
+        signature = decode_segment(raw[last + 1 :])
+        payload_raw = decode_segment(raw[first + 1 : last])
+        signing_input = raw[:last]
 
+        key = self._keys.current_key(kid)
+        if key is None:
+            return self._with_fetched_key(
+                context, kid, header, signing_input, signature, payload_raw
+            )
+        _verify(context, key, kid, header, signing_input, signature, payload_raw)
+        return None
+
+    async def _with_fetched_key(
+        self,
+        context: AuthContext,
+        kid: str,
+        header: dict[str, Any],
+        signing_input: bytes,
+        signature: bytes,
+        payload_raw: bytes,
+    ) -> None:
         key = await self._keys.key_for(kid)
         if key is None:
             raise TokenSignatureKeyNotFound()
-        signing_input = f"{header_segment}.{payload_segment}".encode("ascii")
-        if not key.verify(signing_input, signature):
-            raise TokenSignatureInvalid()
+        _verify(context, key, kid, header, signing_input, signature, payload_raw)
 
-        claims = parse_json_object(payload_raw, "payload")
-        context.verified = VerifiedToken(kid=kid, header=header, claims=claims)
+
+def _verify(
+    context: AuthContext,
+    key: VerificationKey,
+    kid: str,
+    header: dict[str, Any],
+    signing_input: bytes,
+    signature: bytes,
+    payload_raw: bytes,
+) -> None:
+    if not key.verify(signing_input, signature):
+        raise TokenSignatureInvalid()
+    # Claims are parsed only once the signature holds: unverified bytes never
+    # reach the JSON reader beyond the header.
+    claims = parse_json_object(payload_raw, "payload")
+    context.verified = VerifiedToken(kid=kid, header=header, claims=claims)
 
 
 def _check_header(header: dict[str, object]) -> str:

@@ -20,10 +20,13 @@ class SubscriptionKeyValidator:
 
     name = "subscription-key"
 
-    def __init__(self, lookup: SubscriptionLookup) -> None:
+    def __init__(self, lookup: SubscriptionLookup, *, cacheable: bool = False) -> None:
+        """``cacheable`` only when the lookup's owner drops cached verdicts each
+        time a subscription or key changes (the service's key store does)."""
         self._lookup = lookup
+        self.cacheable = cacheable
 
-    async def validate(self, context: AuthContext) -> None:
+    def validate(self, context: AuthContext) -> None:
         values = context.headers.getall(SUBSCRIPTION_KEY_HEADER, ())
         if len(values) > 1:
             raise AmbiguousCredentials()

@@ -13,11 +13,12 @@ class TenantValidator:
     """A valid signature is not enough: Entra's keys serve every tenant (J-44)."""
 
     name = "tenant"
+    cacheable = True
 
     def __init__(self, tenant_id: str) -> None:
         self._tenant_id = tenant_id
 
-    async def validate(self, context: AuthContext) -> None:
+    def validate(self, context: AuthContext) -> None:
         tid = verified_claims(context).get("tid")
         if tid != self._tenant_id:
             raise TokenTenantNotAllowed()

@@ -16,8 +16,9 @@ class AccessTokenValidator:
     """An ID token has our client id as ``aud`` too; it must not pass as access."""
 
     name = "access-token"
+    cacheable = True
 
-    async def validate(self, context: AuthContext) -> None:
+    def validate(self, context: AuthContext) -> None:
         claims = verified_claims(context)
         if any(name in claims for name in _ID_TOKEN_CLAIMS):
             raise TokenInvalid("The bearer token is not an access token")
