@@ -1,4 +1,4 @@
-"""The baseline: bare aiohttp answering a health-like JSON body, with no checks."""
+"""The baseline: bare aiohttp answering a whoami-like JSON body, with no checks."""
 
 from __future__ import annotations
 
@@ -15,26 +15,19 @@ __all__ = ("main",)
 _JSON = "application/json"
 
 
-async def health(request: web.Request) -> web.Response:
-    # Built and serialized per request, about the size and shape of the service's
-    # health body, so the baseline does the same JSON work and only skips the checks.
+async def whoami(request: web.Request) -> web.Response:
+    # Built and serialized per request, of the shape and size of the service's
+    # /api/v2/whoami body, so the baseline does the same JSON work and only skips
+    # the checks.
     payload = {
-        "status": "ok",
-        "identityProvider": {
-            "state": "fresh",
-            "key_count": 1,
-            "age_seconds": 12.345,
-            "last_refresh": {"result": "ok", "seconds_ago": 12.345, "error": None},
-            "consecutive_failures": 0,
-            "retry_in_seconds": 0.0,
-            "fetches": {"discovery:ok": 1, "jwks:ok": 1},
-        },
-        "subscriptionStore": {
-            "reload_ok": True,
-            "subscriptions": 1,
-            "loaded_at": "2026-01-01T00:00:00.000000+00:00",
-        },
-        "tokenCache": {"entries": 1, "hits": 0},
+        "subscription": {"name": "bench", "product": "bench"},
+        "tid": "9188040d-6c67-4c5b-b112-36a304b66dad",
+        "oid": "7a1d3c55-0c3b-4a45-9d71-6f0d2c8b1e42",
+        "sub": "7a1d3c55-0c3b-4a45-9d71-6f0d2c8b1e42",
+        "azp": "6e74172b-be56-4843-9ff4-e66a39bb12e3",
+        "roles": ["Api.Access"],
+        "scp": [],
+        "ver": "2.0",
     }
     return web.Response(body=orjson.dumps(payload), content_type=_JSON)
 
@@ -43,14 +36,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="asyncio: aiohttp as installed and run by default; uvloop: the loop"
+        " the service runs on when the speed extra is installed",
+    )
     args = parser.parse_args()
-    loop_name = _install_loop_policy()
+    loop_name = _install_loop_policy() if args.loop == "uvloop" else "asyncio"
     asyncio.run(_serve(args.host, args.port, loop_name))
     return 0
 
 
 def _install_loop_policy() -> str:
-    # The same choice the service makes, so the comparison is loop for loop.
+    # The same choice the service makes, for the loop-for-loop comparison.
     try:
         import uvloop
     except ImportError:
@@ -61,7 +61,7 @@ def _install_loop_policy() -> str:
 
 async def _serve(host: str, port: int, loop_name: str) -> None:
     app = web.Application()
-    app.router.add_get("/api/v2/health", health)
+    app.router.add_get("/api/v2/whoami", whoami)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024)

@@ -48,6 +48,8 @@ class Target:
     wanted: str
     met: bool
     note: str = field(default="")
+    # A stricter view printed beside the targets, not part of the exit status.
+    informational: bool = False
 
 
 def summarize(

@@ -43,14 +43,23 @@ __all__ = ("main",)
 CLIENT_CORE = 0
 SERVER_CORE = 1
 HEALTH = "/api/v2/health"
+# What every load run requests: a protected route whose handler does the same
+# work as the bare server's (one small dict serialized), so the difference is
+# the checks alone. /api/v2/health would add its own cost: it reads the state of
+# the key cache, the key store, Redis and the limits (about 10 µs).
+TARGET = "/api/v2/whoami"
 KEY_HEADER = "Ocp-Apim-Subscription-Key"
 
+# The baseline: aiohttp as installed, on the event loop it runs on by default.
 BARE = "bare aiohttp"
+# The stricter view: bare aiohttp on uvloop too, so uvloop's own gain (which
+# the service takes when the speed extra is installed) is not counted.
+BARE_UV = "bare aiohttp on uvloop"
 REUSED = "reused token"
 NEW = "new token, cache off"
 DISTINCT = "distinct tokens, cache on"
 REUSED_INFO = "reused token, LOG_LEVEL=INFO"
-REGIMES = (BARE, REUSED, NEW, DISTINCT, REUSED_INFO)
+REGIMES = (BARE, BARE_UV, REUSED, NEW, DISTINCT, REUSED_INFO)
 NO_CREDENTIALS = "no key, no token"
 NO_KEY = "no key, forged token"
 NO_KEY_THROTTLED = "no key, forged token, throttled"
@@ -115,6 +124,8 @@ class Results:
     machine: dict[str, str] = field(default_factory=dict)
     rounds: list[dict[str, Measurement]] = field(default_factory=list)
     summaries: dict[str, RegimeSummary] = field(default_factory=dict)
+    # The same regimes, each ratio against bare aiohttp on uvloop.
+    uvloop_summaries: dict[str, RegimeSummary] = field(default_factory=dict)
     rejections: list[dict[str, Any]] = field(default_factory=list)
     flood: list[dict[str, Any]] = field(default_factory=list)
     cold_start: dict[str, Any] = field(default_factory=dict)
@@ -144,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     _print_results(results)
     if options.json_path is not None:
         options.json_path.write_text(_results_json(results), encoding="utf-8")
-    return 0 if all(target.met for target in results.targets) else 1
+    counted = [target for target in results.targets if not target.informational]
+    return 0 if all(target.met for target in counted) else 1
 
 
 def _options(argv: list[str] | None) -> Options:
@@ -339,7 +351,9 @@ class Benchmark:
         self._servers[name] = server
         return server
 
-    def start_bare(self, name: str = "bare", cores: str = str(SERVER_CORE)) -> Server:
+    def start_bare(
+        self, name: str = "bare", cores: str = str(SERVER_CORE), loop: str = "asyncio"
+    ) -> Server:
         port = free_port()
         process = PinnedProcess.start(
             name,
@@ -348,6 +362,8 @@ class Benchmark:
                 str(_REPO / "bench" / "bare_server.py"),
                 "--port",
                 str(port),
+                "--loop",
+                loop,
             ],
             cores=cores,
             workdir=self.workdir,
@@ -355,13 +371,14 @@ class Benchmark:
         )
         server = Server(name, f"http://127.0.0.1:{port}", process, cores)
         self._stack.callback(process.stop)
-        wait_for_http(server.url + HEALTH, timeout=_START_TIMEOUT)
+        wait_for_http(server.url + TARGET, timeout=_START_TIMEOUT)
         self._servers[name] = server
         return server
 
     def _start_main_servers(self) -> None:
-        print("starting bare aiohttp and three service instances ...", flush=True)
+        print("starting bare aiohttp, twice, and three services ...", flush=True)
         self.start_bare()
+        self.start_bare("bare-uvloop", loop="uvloop")
         self.start_service("cached", cache_size=self.options.cache_size)
         # Its failure throttle is off, so the rejection runs below measure the
         # path they name rather than the throttle's 429 (measured on its own).
@@ -370,7 +387,7 @@ class Benchmark:
         )
         self.start_service("info", log_level="INFO", cache_size=self.options.cache_size)
         for name in ("cached", "uncached", "info"):
-            _expect(self._servers[name].url + HEALTH, self.auth, 200, None)
+            _expect(self._servers[name].url + TARGET, self.auth, 200, None)
 
     # -- measuring ----------------------------------------------------------------
 
@@ -393,7 +410,7 @@ class Benchmark:
             server.process.check_alive()
             before = self._cpu_snapshot(server)
             load = run_wrk(
-                server.url + HEALTH,
+                server.url + TARGET,
                 cores=str(CLIENT_CORE),
                 connections=connections or self.options.connections,
                 seconds=seconds or self.options.seconds,
@@ -452,17 +469,18 @@ class Benchmark:
         return max(client, other, 0.0) / load.seconds
 
     def _rounds(self) -> None:
-        bare = self._servers["bare"]
+        bare, bare_uv = self._servers["bare"], self._servers["bare-uvloop"]
         cached, uncached = self._servers["cached"], self._servers["uncached"]
         info = self._servers["info"]
         print("warming up ...", flush=True)
-        for server in (bare, cached, uncached, info):
+        for server in (bare, bare_uv, cached, uncached, info):
             self.measure(server, "warm-up", seconds=_WARMUP_SECONDS, headers=self.auth)
         slice_size = self.options.pool_per_round
         for number in range(self.options.rounds):
             print(f"round {number + 1} of {self.options.rounds}", flush=True)
             row: dict[str, Measurement] = {}
             row[BARE] = self.measure(bare, BARE, headers=self.auth)
+            row[BARE_UV] = self.measure(bare_uv, BARE_UV, headers=self.auth)
             row[REUSED] = self.measure(cached, REUSED, headers=self.auth)
             row[NEW] = self.measure(uncached, NEW, headers=self.auth)
             rate = row[NEW].load.requests_per_second
@@ -487,6 +505,9 @@ class Benchmark:
             if any(regime in row for row in self.results.rounds):
                 self.results.summaries[regime] = summarize(
                     self.results.rounds, regime, BARE
+                )
+                self.results.uvloop_summaries[regime] = summarize(
+                    self.results.rounds, regime, BARE_UV
                 )
 
     def _pool_env(self, first: int, count: int) -> dict[str, str]:
@@ -538,7 +559,7 @@ class Benchmark:
                 headers["Authorization"] = f"Bearer {token}"
             if key:
                 headers[KEY_HEADER] = key
-            _expect(server.url + HEALTH, headers, 401, code)
+            _expect(server.url + TARGET, headers, 401, code)
             run = self.measure(
                 server,
                 label,
@@ -563,7 +584,7 @@ class Benchmark:
         env = self._forged_env(known_kid=True, key="")
         self.measure(server, "trip", seconds=1, mode="forged", env=env, expect_ok=False)
         headers = {"Authorization": f"Bearer {_forged_token(self.token)}"}
-        _expect(server.url + HEALTH, headers, 429, "TooManyFailedAttempts")
+        _expect(server.url + TARGET, headers, 429, "TooManyFailedAttempts")
         run = self.measure(
             server,
             NO_KEY_THROTTLED,
@@ -605,7 +626,7 @@ class Benchmark:
         )
         for label, connections, extra in floods:
             flood_run = start_wrk(
-                server.url + HEALTH,
+                server.url + TARGET,
                 cores=str(CLIENT_CORE),
                 connections=connections or self.options.connections,
                 seconds=self.options.seconds + 2,
@@ -626,7 +647,7 @@ class Benchmark:
         before = self.provider.hits()
         server = self.start_service("cold", ready=False)
         load = run_wrk(
-            server.url + HEALTH,
+            server.url + TARGET,
             cores=str(CLIENT_CORE),
             connections=self.options.cold_connections,
             seconds=3,
@@ -731,7 +752,7 @@ class Benchmark:
                 server.process.check_alive()
                 before = server.process.cpu_seconds()
                 load = run_wrk(
-                    server.url + HEALTH,
+                    server.url + TARGET,
                     cores=both,
                     connections=self.options.connections,
                     seconds=self.options.seconds,
@@ -762,6 +783,8 @@ class Benchmark:
         results = self.results
         reused = results.summaries[REUSED]
         new = results.summaries[NEW]
+        strict_reused = results.uvloop_summaries[REUSED]
+        strict_new = results.uvloop_summaries[NEW]
         targets = [
             Target(
                 "reused token: req/s vs bare",
@@ -780,6 +803,30 @@ class Benchmark:
                 f"{new.rps_ratio:.2f}",
                 ">= 0.5",
                 new.rps_ratio >= 0.5,
+            ),
+        ]
+        # Shown beside the targets, not counted in the exit status.
+        targets += [
+            Target(
+                "reused token: req/s vs bare on uvloop",
+                f"{strict_reused.rps_ratio:.2f}",
+                ">= 0.85",
+                strict_reused.rps_ratio >= 0.85,
+                informational=True,
+            ),
+            Target(
+                "reused token: p99 vs bare on uvloop",
+                f"{strict_reused.p99_ratio:.2f}",
+                "<= 1.5",
+                strict_reused.p99_ratio <= 1.5,
+                informational=True,
+            ),
+            Target(
+                "new token: req/s vs bare on uvloop",
+                f"{strict_new.rps_ratio:.2f}",
+                ">= 0.5",
+                strict_new.rps_ratio >= 0.5,
+                informational=True,
             ),
         ]
         cold = results.cold_start
@@ -951,6 +998,7 @@ def _print_results(results: Results) -> None:
         s = results.summaries.get(regime)
         if s is None:
             continue
+        uv = results.uvloop_summaries[regime]
         rows.append(
             [
                 regime,
@@ -960,6 +1008,8 @@ def _print_results(results: Results) -> None:
                 f"{s.cpu_us_per_request:.1f}",
                 f"{s.rps_ratio:.2f}",
                 f"{s.p99_ratio:.2f}",
+                f"{uv.rps_ratio:.2f}",
+                f"{uv.p99_ratio:.2f}",
                 f"{s.rounds}" + (f" ({s.disturbed} retried)" if s.disturbed else ""),
             ]
         )
@@ -971,6 +1021,8 @@ def _print_results(results: Results) -> None:
         "CPU µs/req",
         "req/s vs bare",
         "p99 vs bare",
+        "req/s vs uvloop bare",
+        "p99 vs uvloop bare",
         "rounds",
     ]
     print(format_table(headers, rows))
@@ -1081,7 +1133,15 @@ def _print_results(results: Results) -> None:
         format_table(
             ["target", "measured", "wanted", "met"],
             [
-                [t.name, t.measured, t.wanted, "yes" if t.met else "NO"]
+                [
+                    t.name,
+                    t.measured,
+                    t.wanted,
+                    ("yes" if t.met else "no")
+                    + (" (stricter view, not counted)" if t.informational else "")
+                    if t.informational
+                    else ("yes" if t.met else "NO"),
+                ]
                 for t in results.targets
             ],
         )
