@@ -30,9 +30,11 @@ from .middleware import AuthGate
 from .rate_limit import (
     AUTH_THROTTLE,
     RATE_LIMITER,
+    TOKEN_THROTTLE,
     TRUSTED_PROXIES,
     FailedAuthThrottle,
     SubscriptionRateLimiter,
+    TokenFailureThrottle,
     WindowCounter,
     parse_trusted_proxies,
 )
@@ -78,6 +80,9 @@ def create_app(
     # Separate counters: a flood of addresses must not evict subscription counts.
     rate_limiter = SubscriptionRateLimiter(WindowCounter(shared))
     throttle = FailedAuthThrottle(settings.auth_failure_limit, WindowCounter(shared))
+    token_throttle = TokenFailureThrottle(
+        settings.token_failure_limit, WindowCounter(shared)
+    )
 
     store = shared_store if shared_store is not None else shared.cache
     jwks = JwksCache(
@@ -104,6 +109,7 @@ def create_app(
             clock=clock,
             rate_limiter=rate_limiter,
             subscriptions_notify_changes=watcher is not None,
+            token_failures=token_throttle if token_throttle.limit else None,
         ),
         *extra_validators,
         *load_extra_validators(settings.extra_validators, settings),
@@ -115,6 +121,7 @@ def create_app(
         chain=chain,
         cache=token_cache,
         throttle=throttle,
+        token_throttle=token_throttle,
         trusted_proxies=trusted,
         counters=counters,
         realm=settings.realm,
@@ -133,6 +140,7 @@ def create_app(
     app[SHARED_STORE] = shared
     app[RATE_LIMITER] = rate_limiter
     app[AUTH_THROTTLE] = throttle
+    app[TOKEN_THROTTLE] = token_throttle
     app[TRUSTED_PROXIES] = trusted
     add_routes(app)
     add_docs_routes(app, settings)

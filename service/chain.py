@@ -19,6 +19,8 @@ from validators import (
     SubscriptionKeyValidator,
     SubscriptionLookup,
     TenantValidator,
+    TokenFailureLimit,
+    TokenFailureValidator,
     Validator,
 )
 from validators.rate_limit import RateLimiter, RateLimitValidator
@@ -97,6 +99,7 @@ def default_validators(
     clock: Callable[[], float],
     rate_limiter: RateLimiter | None = None,
     subscriptions_notify_changes: bool = False,
+    token_failures: TokenFailureLimit | None = None,
 ) -> tuple[Validator, ...]:
     """The built-in order, written down once: cheapest and least trusting first.
 
@@ -109,12 +112,16 @@ def default_validators(
     every key-store change, so the key check may be served from that cache.
     """
     rate_limit = () if rate_limiter is None else (RateLimitValidator(rate_limiter),)
+    failures = (
+        () if token_failures is None else (TokenFailureValidator(token_failures),)
+    )
     return (
         QueryCredentialsValidator(),
         SubscriptionKeyValidator(
             subscriptions, cacheable=subscriptions_notify_changes
         ),
         *rate_limit,
+        *failures,
         BearerTokenValidator(settings.max_token_bytes),
         SignatureValidator(keys),
         LifetimeValidator(

@@ -9,11 +9,12 @@ import math
 import os
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from multidict import MultiDict, MultiDictProxy
+from multidict import MultiDict, MultiDictProxy, istr
 
 from validators import (
     AccessPolicy,
@@ -26,6 +27,7 @@ from validators import (
     RoleValidator,
     Subscription,
     TokenClaimInvalid,
+    TokenFailureValidator,
     TokenInvalid,
     TooManyFailedAttempts,
     VerifiedToken,
@@ -33,6 +35,7 @@ from validators import (
     token_scopes,
 )
 from validators.base import RateLimitUsage
+from validators.subscription_key import SUBSCRIPTION_KEY_HEADER
 
 from .appkeys import AUTH_REJECTION, IDENTITY, REQUEST_ID
 from .chain import ValidatorChain
@@ -41,11 +44,16 @@ from .logging_security import fingerprint
 from .metrics import RequestCounters
 from .openapi import hidden
 from .policy import policy_of
-from .rate_limit import FailedAuthThrottle, Network, client_address
+from .rate_limit import (
+    FailedAuthThrottle,
+    Network,
+    TokenFailureThrottle,
+    client_address,
+)
 from .responses import error_response, status_error_response
 from .token_cache import TokenCache, Verdict, credential_digest
 
-__all__ = ("AuthGate", "build_identity", "request_id_of")
+__all__ = ("AuthGate", "RejectionLog", "build_identity", "request_id_of")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -55,8 +63,19 @@ _MALFORMED = (TokenInvalid, TokenClaimInvalid)
 _NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
 _MAX_KEY_CHARS = 256
 _GUARDED = "__auth_gate_guarded__"
+# istr: multidict looks them up without lower-casing them on every request.
+_REQUEST_ID_HEADER = istr("x-request-id")
+_AUTHORIZATION = istr("Authorization")
+_SUBSCRIPTION_KEY = istr(SUBSCRIPTION_KEY_HEADER)
+# TokenFailureValidator passes every cached verdict (its tokens were valid).
 _SHORT_PATH_STEPS = frozenset(
-    {QueryCredentialsValidator, RateLimitValidator, LifetimeValidator, RoleValidator}
+    {
+        QueryCredentialsValidator,
+        RateLimitValidator,
+        TokenFailureValidator,
+        LifetimeValidator,
+        RoleValidator,
+    }
 )
 
 
@@ -96,6 +115,53 @@ def _caller_request_id(request: web.BaseRequest) -> str:
     return _IDS.new()
 
 
+class RejectionLog:
+    """Rejection lines, at most ``per_code`` per code in each ``interval``.
+
+    A flood of forged tokens would otherwise write a warning per request, and
+    a log line costs more than refusing the request. Past the limit, rejections
+    are counted and one ``auth.rejections_suppressed`` line gives the counts
+    (written with the first rejection after the interval). The metrics count
+    every rejection either way.
+    """
+
+    def __init__(
+        self,
+        per_code: int = 5,
+        interval: float = 10.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._per_code = per_code
+        self._interval = interval
+        self._monotonic = monotonic
+        self._window_ends = -math.inf
+        self._counts: dict[str, int] = {}
+
+    def allow(self, code: str) -> bool:
+        now = self._monotonic()
+        if now >= self._window_ends:
+            self._flush()
+            self._window_ends = now + self._interval
+        count = self._counts.get(code, 0) + 1
+        self._counts[code] = count
+        return count <= self._per_code
+
+    def _flush(self) -> None:
+        # A list of pairs, not a dict by code: the scrubbing filter redacts
+        # values under names that look like credentials ("Token...").
+        suppressed = [
+            {"rejection": code, "count": count - self._per_code}
+            for code, count in sorted(self._counts.items())
+            if count > self._per_code
+        ]
+        self._counts.clear()
+        if suppressed:
+            auth_logger.warning(
+                "auth.rejections_suppressed",
+                extra={"suppressed": suppressed, "interval_seconds": self._interval},
+            )
+
+
 class AuthGate:
     """Guards every route: protected unless marked ``@public``.
 
@@ -118,6 +184,7 @@ class AuthGate:
         cache: TokenCache,
         throttle: FailedAuthThrottle,
         trusted_proxies: tuple[Network, ...],
+        token_throttle: TokenFailureThrottle | None = None,
         counters: RequestCounters,
         realm: str,
         max_token_bytes: int,
@@ -125,12 +192,14 @@ class AuthGate:
         self._chain = chain
         self._cache = cache if cache.enabled else None
         self._throttle = throttle
+        self._token_throttle = token_throttle
         self._trusted = trusted_proxies
         self._responses = counters.responses
         self._rejections = counters.rejections
         self._realm = realm
         # The bearer validator's bound: longer headers are refused, never cached.
         self._max_authorization = max_token_bytes + 16
+        self._rejection_log = RejectionLog()
         # The short path for cached credentials applies the per-request steps
         # itself; it knows only the built-in ones (exact types, not subclasses).
         per_request = chain.per_request
@@ -209,6 +278,7 @@ class AuthGate:
         responses = self._responses
         new_id = _IDS.new
         blocked = throttle.blocked
+        digest_pair = TokenCache.digest
         if cache is not None:
             entries = cache.entries
             stats = cache.stats
@@ -218,9 +288,10 @@ class AuthGate:
         # request with cached credentials, and each call costs (docs/performance.md).
         async def guarded(request: web.Request) -> web.StreamResponse:
             headers = request.headers
-            request_id = headers.get("x-request-id")
             request_id = (
-                new_id() if request_id is None else _caller_request_id(request)
+                new_id()
+                if _REQUEST_ID_HEADER not in headers
+                else _caller_request_id(request)
             )
             request[REQUEST_ID] = request_id
             if cache is None or (blocked and throttle.blocking):
@@ -229,9 +300,21 @@ class AuthGate:
                 responses[response.status] += 1
                 return response
 
+            # credential_digest, inline.
             verdict = None
-            digest = credential_digest(headers, max_authorization, _MAX_KEY_CHARS)
-            if digest is not None:
+            digest = None
+            authorization = headers.getall(_AUTHORIZATION, ())
+            key = headers.getall(_SUBSCRIPTION_KEY, ())
+            if (
+                len(authorization) == 1
+                and len(key) == 1
+                and len(authorization[0]) <= max_authorization
+                and len(key[0]) <= _MAX_KEY_CHARS
+            ):
+                digest = digest_pair(
+                    authorization[0].encode("utf-8", "surrogateescape"),
+                    key[0].encode("utf-8", "surrogateescape"),
+                )
                 verdict = entries.get(digest)
             now = clock()
             # The short path: the verdict cache's own checks (the entry's
@@ -244,7 +327,7 @@ class AuthGate:
                 and digest is not None
                 and short_path
                 and now < verdict.expires_at
-                and now + leeway >= verdict.not_before
+                and now >= verdict.not_before - leeway
                 and keys_usable()
                 and "?" not in request.raw_path
                 and verdict.subscription.rate_limit is None
@@ -393,6 +476,13 @@ class AuthGate:
             if client is None:
                 client = client_address(request, self._trusted)
             await self._throttle.record_failure(client)
+        elif (
+            error.status == 401
+            and context.subscription is not None
+            and self._token_throttle is not None
+        ):
+            # The key was valid and its token was not: counted per subscription.
+            await self._token_throttle.record_failure(context.subscription)
         return self._reject(request, error, context)
 
     def _reject(
@@ -401,7 +491,7 @@ class AuthGate:
         request[AUTH_REJECTION] = error.code
         self._rejections[error.code] += 1
         level = logging.WARNING if isinstance(error, _MALFORMED) else logging.INFO
-        if auth_logger.isEnabledFor(level):
+        if auth_logger.isEnabledFor(level) and self._rejection_log.allow(error.code):
             fields: dict[str, Any] = {
                 "rejection": error.code,
                 "status": error.status,

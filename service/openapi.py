@@ -607,7 +607,8 @@ HEALTH_SCHEMA = NamedSchema(
             },
             "rateLimits": {
                 "type": "object",
-                "description": "Where limits are counted; the failed-auth throttle",
+                "description": "Where limits are counted; the throttles on failed"
+                " keys (per address) and failed tokens (per subscription)",
             },
         },
     },

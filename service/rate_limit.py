@@ -29,10 +29,12 @@ from .shared_store import SharedStore, SharedStoreUnavailable, UnexpectedReply
 __all__ = (
     "AUTH_THROTTLE",
     "RATE_LIMITER",
+    "TOKEN_THROTTLE",
     "TRUSTED_PROXIES",
     "FailedAuthThrottle",
     "LocalCounter",
     "SubscriptionRateLimiter",
+    "TokenFailureThrottle",
     "WindowCount",
     "WindowCounter",
     "client_address",
@@ -235,9 +237,13 @@ class FailedAuthThrottle:
         *,
         max_entries: int = _MAX_LOCAL_ENTRIES,
         monotonic: Callable[[], float] = time.monotonic,
+        namespace: str = "auth-failures",
+        event: str = "auth.client_throttled",
     ) -> None:
         self._limit = limit
         self._counter = counter
+        self._namespace = namespace
+        self._event = event
         self._max_entries = max_entries
         self._monotonic = monotonic
         self._blocked: dict[str, float] = {}
@@ -279,7 +285,7 @@ class FailedAuthThrottle:
 
         # The address is hashed: a Redis key is no place for personal data.
         digest = hashlib.sha256(client.encode("utf-8", "surrogateescape")).hexdigest()
-        key = self._counter.store.key("auth-failures", digest[:32])
+        key = self._counter.store.key(self._namespace, digest[:32])
         seen = await self._counter.hit(key, limit.period_seconds * 1000)
         if seen.count < limit.calls:
             return
@@ -293,7 +299,7 @@ class FailedAuthThrottle:
             del self._blocked[next(iter(self._blocked))]
         if newly:
             auth_logger.warning(
-                "auth.client_throttled",
+                self._event,
                 extra={
                     "client": client,
                     "failures": seen.count,
@@ -307,6 +313,42 @@ class FailedAuthThrottle:
             "limit": None if limit is None else f"{limit.calls}/{limit.period_seconds}",
             "clients_throttled": len(self._blocked),
             "requests_refused": self.throttled,
+        }
+
+
+class TokenFailureThrottle:
+    """Implements ``TokenFailureLimit``: the throttle above, per subscription.
+
+    Counts the 401s of requests whose subscription key was valid (their tokens
+    were refused); see ``validators.token_failures``.
+    """
+
+    def __init__(self, limit: RateLimit | None, counter: WindowCounter) -> None:
+        self._throttle = FailedAuthThrottle(
+            limit,
+            counter,
+            namespace="token-failures",
+            event="auth.subscription_throttled",
+        )
+
+    @property
+    def limit(self) -> RateLimit | None:
+        return self._throttle.limit
+
+    def retry_after(self, subscription: Subscription) -> int | None:
+        if not self._throttle.blocked:
+            return None
+        return self._throttle.retry_after(subscription.name)
+
+    async def record_failure(self, subscription: Subscription) -> None:
+        await self._throttle.record_failure(subscription.name)
+
+    def status(self) -> dict[str, Any]:
+        state = self._throttle.status()
+        return {
+            "limit": state["limit"],
+            "subscriptions_throttled": state["clients_throttled"],
+            "requests_refused": state["requests_refused"],
         }
 
 
@@ -370,4 +412,5 @@ def _remaining_ms(ends: float, now: float) -> int:
 
 RATE_LIMITER: web.AppKey[SubscriptionRateLimiter] = web.AppKey("rate_limiter")
 AUTH_THROTTLE: web.AppKey[FailedAuthThrottle] = web.AppKey("auth_throttle")
+TOKEN_THROTTLE: web.AppKey[TokenFailureThrottle] = web.AppKey("token_throttle")
 TRUSTED_PROXIES: web.AppKey[tuple[Network, ...]] = web.AppKey("trusted_proxies")

@@ -15,7 +15,7 @@ from .openapi import (
     documented,
 )
 from .policy import public
-from .rate_limit import AUTH_THROTTLE, RATE_LIMITER
+from .rate_limit import AUTH_THROTTLE, RATE_LIMITER, TOKEN_THROTTLE
 from .responses import json_response
 from .shared_store import SHARED_STORE
 from .shared_subscriptions import SharedSubscriptions
@@ -55,6 +55,7 @@ async def health(request: web.Request) -> web.Response:
             "rateLimits": {
                 **app[RATE_LIMITER].status(),
                 "failedAuthentication": app[AUTH_THROTTLE].status(),
+                "failedTokens": app[TOKEN_THROTTLE].status(),
             },
         }
     )

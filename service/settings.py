@@ -25,6 +25,9 @@ __all__ = (
 
 DEFAULT_REQUIRED_ROLES = ("Api.Access",)
 DEFAULT_AUTH_FAILURE_LIMIT = RateLimit(calls=50, period_seconds=60)
+# Off unless set: while on, a subscription whose key is being abused cannot
+# bring in new valid tokens either (its cached ones keep working).
+DEFAULT_TOKEN_FAILURE_LIMIT: RateLimit | None = None
 _CACHE_KEY_PREFIX = re.compile(r"[A-Za-z0-9._-]{0,64}")
 _GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _ROLE = re.compile(r"[A-Za-z0-9._:/-]{1,120}")
@@ -75,6 +78,7 @@ class Settings:
     cache_timeout_seconds: float = 0.25
     subscription_sync_seconds: float = 1.0
     auth_failure_limit: RateLimit | None = DEFAULT_AUTH_FAILURE_LIMIT
+    token_failure_limit: RateLimit | None = DEFAULT_TOKEN_FAILURE_LIMIT
     trusted_proxies: tuple[str, ...] = ()
     metrics_port: int | None = None
     metrics_public: bool = False
@@ -138,6 +142,7 @@ class Settings:
             "CACHE_TIMEOUT_SECONDS": self.cache_timeout_seconds,
             "SUBSCRIPTION_SYNC_SECONDS": self.subscription_sync_seconds,
             "AUTH_FAILURE_LIMIT": _limit_text(self.auth_failure_limit),
+            "TOKEN_FAILURE_LIMIT": _limit_text(self.token_failure_limit),
             "TRUSTED_PROXIES": list(self.trusted_proxies),
             "METRICS_PORT": self.metrics_port,
             "METRICS_PUBLIC": self.metrics_public,
@@ -220,14 +225,16 @@ class Settings:
         _check_range(
             "SUBSCRIPTION_SYNC_SECONDS", self.subscription_sync_seconds, 0.05, 60
         )
-        limit = self.auth_failure_limit
-        if limit is not None and not (
-            1 <= limit.calls <= 1_000_000 and 1 <= limit.period_seconds <= 86400
+        for name, limit in (
+            ("AUTH_FAILURE_LIMIT", self.auth_failure_limit),
+            ("TOKEN_FAILURE_LIMIT", self.token_failure_limit),
         ):
-            raise SettingsError(
-                "AUTH_FAILURE_LIMIT",
-                "must be CALLS/SECONDS within 1/1 and 1000000/86400",
-            )
+            if limit is not None and not (
+                1 <= limit.calls <= 1_000_000 and 1 <= limit.period_seconds <= 86400
+            ):
+                raise SettingsError(
+                    name, "must be CALLS/SECONDS within 1/1 and 1000000/86400"
+                )
         for proxy in self.trusted_proxies:
             try:
                 ipaddress.ip_network(proxy, strict=False)
@@ -277,7 +284,12 @@ class Settings:
             ),
             cache_timeout_seconds=_float(env, "CACHE_TIMEOUT_SECONDS", 0.25),
             subscription_sync_seconds=_float(env, "SUBSCRIPTION_SYNC_SECONDS", 1.0),
-            auth_failure_limit=_auth_failure_limit(env),
+            auth_failure_limit=_failure_limit(
+                env, "AUTH_FAILURE_LIMIT", DEFAULT_AUTH_FAILURE_LIMIT
+            ),
+            token_failure_limit=_failure_limit(
+                env, "TOKEN_FAILURE_LIMIT", DEFAULT_TOKEN_FAILURE_LIMIT
+            ),
             trusted_proxies=_list(env, "TRUSTED_PROXIES", ()),
             metrics_port=_optional_int(env, "METRICS_PORT"),
             metrics_public=_bool(env, "METRICS_PUBLIC", False),
@@ -393,17 +405,19 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(name, "must be true or false")
 
 
-def _auth_failure_limit(env: Mapping[str, str]) -> RateLimit | None:
-    raw = env.get("AUTH_FAILURE_LIMIT", "").strip()
+def _failure_limit(
+    env: Mapping[str, str], name: str, default: RateLimit | None
+) -> RateLimit | None:
+    raw = env.get(name, "").strip()
     if not raw:
-        return DEFAULT_AUTH_FAILURE_LIMIT
+        return default
     if raw in ("0", "off"):
         return None
     try:
         return parse_rate_limit(raw)
     except KeyStoreError:
         raise SettingsError(
-            "AUTH_FAILURE_LIMIT", "must be CALLS/SECONDS (e.g. 50/60), or 0 for off"
+            name, "must be CALLS/SECONDS (e.g. 50/60), or 0 for off"
         ) from None
 
 

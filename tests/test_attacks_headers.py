@@ -72,7 +72,9 @@ class Target:
 def _shared_settings(idp: LocalIdentityProvider, keys_file: Path) -> Settings:
     # The failed-authentication throttle would turn this file's many anonymous
     # rejections from one address into 429s; it has tests of its own.
-    return settings_for(idp, keys_file, auth_failure_limit=None)
+    return settings_for(
+        idp, keys_file, auth_failure_limit=None, token_failure_limit=None
+    )
 
 
 @pytest.fixture(scope="module")
@@ -598,7 +600,8 @@ async def test_subscription_key_is_compared_as_equal_length_digests(
     # The last character changed (to one it is not: a fixed "0" was this key's
     # own last character one time in sixteen).
     other_last = b"1" if real_key.endswith(b"0") else b"0"
-    for guess in (b"0" * 32, real_key[:31] + other_last, real_key + b"0", b"\xff" * 300):
+    guesses = (b"0" * 32, real_key[:31] + other_last, real_key + b"0", b"\xff" * 300)
+    for guess in guesses:
         assert store.find(guess) is None
     assert calls and all(lengths == (32, 32) for lengths in calls)
 

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jose import jwt
 
 from service import log
+from service.idp import LocalIdentityProvider
 from service.log import (
     access_logger,
     app_logger,
@@ -29,6 +30,9 @@ from service.log import (
     keys_logger,
 )
 from service.logging_security import ScrubbingFilter, fingerprint
+from service.metrics import REQUEST_COUNTERS
+from service.middleware import RejectionLog
+from tests.conftest import AppClient, Credentials, auth_headers
 
 LIBRARY_LOGGERS = (
     "aiohttp.access",
@@ -428,3 +432,44 @@ def test_public_names_are_exported() -> None:
 
     assert expected <= set(log.__all__)
     assert all(hasattr(log, name) for name in log.__all__)
+
+
+def test_rejection_lines_are_limited_per_code_and_the_rest_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [100.0]
+    log = RejectionLog(per_code=2, interval=10.0, monotonic=lambda: now[0])
+    allowed = [log.allow("TokenSignatureInvalid") for _ in range(5)]
+    assert allowed == [True, True, False, False, False]
+    assert log.allow("TokenExpired")  # each code has its own allowance
+    with caplog.at_level(logging.WARNING, logger="rag_api_core.auth"):
+        now[0] = 110.0
+        assert log.allow("TokenSignatureInvalid")  # a new interval
+    summaries = [r for r in caplog.records if r.msg == "auth.rejections_suppressed"]
+    assert len(summaries) == 1
+    suppressed = [{"rejection": "TokenSignatureInvalid", "count": 3}]
+    record = summaries[0]
+    assert record.__dict__["suppressed"] == suppressed
+    # What the scrubbing filter lets through: the counts survive it.
+    assert ScrubbingFilter().filter(record)
+    assert record.__dict__["suppressed"] == suppressed
+
+
+async def test_a_flood_of_forged_signatures_writes_a_bounded_number_of_lines(
+    client: AppClient,
+    idp: LocalIdentityProvider,
+    key_store: Credentials,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    header, payload, signature = idp.mint_token().split(".")
+    changed = "A" if signature[10] != "A" else "B"
+    forged = f"{header}.{payload}.{signature[:10]}{changed}{signature[11:]}"
+    with caplog.at_level(logging.INFO, logger="rag_api_core.auth"):
+        for _ in range(20):
+            response = await client.get(
+                "/api/v2/whoami", headers=auth_headers(forged, key_store.primary)
+            )
+            assert response.status == 401
+    lines = [r for r in caplog.records if r.msg == "auth.rejected"]
+    assert 1 <= len(lines) <= 5
+    assert client.app[REQUEST_COUNTERS].rejections["TokenSignatureInvalid"] == 20

@@ -475,3 +475,62 @@ async def test_failures_on_one_replica_throttle_the_client_on_the_other(
 
     await _assert_rejected(extra, 401, "SubscriptionKeyInvalid", "")
     await _assert_rejected(response, 429, "TooManyFailedAttempts", None)
+
+
+async def test_a_subscription_sending_bad_tokens_gets_no_more_signature_checks(
+    make_client: MakeClient, idp: LocalIdentityProvider, key_store: Credentials
+) -> None:
+    client = await make_client(
+        token_failure_limit=RateLimit(calls=3, period_seconds=60)
+    )
+    cached = auth_headers(idp.mint_token(), key_store.primary)
+    assert (await client.get("/api/v2/whoami", headers=cached)).status == 200
+    header, payload, signature = idp.mint_token().split(".")
+    changed = "A" if signature[10] != "A" else "B"
+    forged = f"{header}.{payload}.{signature[:10]}{changed}{signature[11:]}"
+    for _ in range(3):
+        response = await client.get(
+            "/api/v2/whoami", headers=auth_headers(forged, key_store.primary)
+        )
+        assert (await response.json())["code"] == "TokenSignatureInvalid"
+    # Now refused before any signature work, new valid tokens included...
+    for token in (forged, idp.mint_token()):
+        response = await client.get(
+            "/api/v2/whoami", headers=auth_headers(token, key_store.primary)
+        )
+        assert response.status == 429
+        assert (await response.json())["code"] == "TooManyFailedAttempts"
+        assert int(response.headers["Retry-After"]) > 0
+    # ...while credentials already verified are still served,
+    assert (await client.get("/api/v2/whoami", headers=cached)).status == 200
+    # and the other subscriptions are not concerned.
+    health = await (await client.get("/api/v2/health", headers=cached)).json()
+    assert health["rateLimits"]["failedTokens"]["subscriptions_throttled"] == 1
+
+
+async def test_the_token_failure_limit_can_be_turned_off(
+    make_client: MakeClient, idp: LocalIdentityProvider, key_store: Credentials
+) -> None:
+    client = await make_client(token_failure_limit=None)
+    header, payload, _ = idp.mint_token().split(".")
+    forged = f"{header}.{payload}.{'A' * 342}"
+    for _ in range(30):
+        response = await client.get(
+            "/api/v2/whoami", headers=auth_headers(forged, key_store.primary)
+        )
+        assert response.status == 401
+
+
+def test_token_failure_limit_setting_is_parsed_and_checked() -> None:
+    base = {
+        "ENTRA_TENANT_ID": "00000000-0000-4000-8000-000000000001",
+        "ENTRA_AUDIENCES": "api://x",
+        "APIM_SUBSCRIPTION_KEYS_FILE": "/dev/null",
+    }
+    assert Settings.from_env(base).token_failure_limit is None  # off by default
+    off = Settings.from_env({**base, "TOKEN_FAILURE_LIMIT": "0"})
+    assert off.token_failure_limit is None
+    custom = Settings.from_env({**base, "TOKEN_FAILURE_LIMIT": "5/10"})
+    assert custom.token_failure_limit == RateLimit(5, 10)
+    with pytest.raises(SettingsError, match="TOKEN_FAILURE_LIMIT"):
+        Settings.from_env({**base, "TOKEN_FAILURE_LIMIT": "many"})

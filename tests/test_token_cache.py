@@ -12,9 +12,10 @@ from multidict import CIMultiDict
 
 from service.appkeys import JWKS, KEY_WATCHER, SETTINGS, TOKEN_CACHE
 from service.idp import LocalIdentityProvider
-from service.policy import requires
+from service.keystore import KeyStoreWatcher
 from service.metrics import REQUEST_COUNTERS
 from service.middleware import build_identity
+from service.policy import requires
 from service.token_cache import TokenCache, Verdict
 from tests.conftest import AppClient, Credentials, MakeClient, auth_headers
 from validators import RateLimit, Subscription, VerifiedToken
@@ -174,7 +175,9 @@ async def test_a_key_store_change_drops_every_cached_verdict(
     assert (await client.get("/api/v2/whoami", headers=headers)).status == 200
     assert len(client.app[TOKEN_CACHE]) == 1
     assert key_store.store.suspend("contoso")
-    assert client.app[KEY_WATCHER].reload_now()
+    watcher = client.app[KEY_WATCHER]
+    assert isinstance(watcher, KeyStoreWatcher)
+    assert watcher.reload_now()
     assert len(client.app[TOKEN_CACHE]) == 0
     response = await client.get("/api/v2/whoami", headers=headers)
     assert response.status == 401

@@ -50,6 +50,7 @@ from .roles import RoleValidator
 from .signature import SignatureValidator
 from .subscription_key import SubscriptionKeyValidator
 from .tenant import TenantValidator
+from .token_failures import TokenFailureLimit, TokenFailureValidator
 from .token_type import AccessTokenValidator
 
 __all__ = (
@@ -85,6 +86,8 @@ __all__ = (
     "TokenAudienceNotAllowed",
     "TokenClaimInvalid",
     "TokenExpired",
+    "TokenFailureLimit",
+    "TokenFailureValidator",
     "TokenInvalid",
     "TokenIssuerNotAllowed",
     "TokenNotPresent",
