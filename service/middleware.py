@@ -311,10 +311,27 @@ class AuthGate:
                 and len(authorization[0]) <= max_authorization
                 and len(key[0]) <= _MAX_KEY_CHARS
             ):
-                digest = digest_pair(
-                    authorization[0].encode("utf-8", "surrogateescape"),
-                    key[0].encode("utf-8", "surrogateescape"),
-                )
+                # The connection's last pair, when it is the same (string
+                # equality), gives its digest without hashing it again.
+                protocol = request.protocol
+                memo = getattr(protocol, "credential_memo", None)
+                if (
+                    memo is not None
+                    and memo[0] == authorization[0]
+                    and memo[1] == key[0]
+                ):
+                    digest = memo[2]
+                else:
+                    digest = digest_pair(
+                        authorization[0].encode("utf-8", "surrogateescape"),
+                        key[0].encode("utf-8", "surrogateescape"),
+                    )
+                    if hasattr(type(protocol), "credential_memo"):
+                        protocol.credential_memo = (  # type: ignore[attr-defined]
+                            authorization[0],
+                            key[0],
+                            digest,
+                        )
                 verdict = entries.get(digest)
             now = clock()
             # The short path: the verdict cache's own checks (the entry's

@@ -78,6 +78,11 @@ _REFUSALS = RefusalLog()
 
 
 class _SafeRequestHandler(RequestHandler):
+    # The gate's memo of this connection's last credential pair and its digest
+    # (service.middleware): a keep-alive client sends the same two values on
+    # every request, and comparing them costs less than hashing them again.
+    __slots__ = ("credential_memo",)
+
     def handle_error(
         self,
         request: BaseRequest,

@@ -7,6 +7,7 @@ import json
 import re
 import time
 
+import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -293,3 +294,31 @@ async def test_short_path_answers_carry_the_request_id_and_count(
     assert second.headers["x-request-id"] == "abc-123"
     assert client.app[TOKEN_CACHE].stats.hits == 1
     assert client.app[REQUEST_COUNTERS].responses[200] == 2
+
+
+async def test_one_connection_changing_credentials_is_judged_on_each_pair(
+    client: AppClient, idp: LocalIdentityProvider, key_store: Credentials
+) -> None:
+    """The gate remembers a connection's last pair to skip hashing it again:
+    another pair on the same connection must never ride on that memo."""
+    token = idp.mint_token()
+    header, payload, signature = token.split(".")
+    changed = "A" if signature[10] != "A" else "B"
+    forged = f"{header}.{payload}.{signature[:10]}{changed}{signature[11:]}"
+    connector = aiohttp.TCPConnector(limit=1)  # every request on one connection
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def code(token: str, key: str) -> tuple[int, str | None]:
+            url = client.make_url("/api/v2/whoami")
+            async with session.get(url, headers=auth_headers(token, key)) as answer:
+                body = await answer.json()
+                return answer.status, body.get("code")
+
+        assert await code(token, key_store.primary) == (200, None)
+        assert await code(token, key_store.primary) == (200, None)
+        assert await code(forged, key_store.primary) == (401, "TokenSignatureInvalid")
+        last = "1" if key_store.primary[-1] != "1" else "2"
+        wrong_key = key_store.primary[:-1] + last
+        assert await code(token, wrong_key) == (401, "SubscriptionKeyInvalid")
+        assert await code(token, key_store.secondary) == (200, None)
+        assert await code(token, key_store.primary) == (200, None)
