@@ -214,12 +214,8 @@ class JwksCache:
 
     def current_key(self, kid: str) -> VerificationKey | None:
         """The key for ``kid`` in the usable set, without waiting; else ``None``."""
-        keyset = self._keyset
-        if keyset is None:
-            return None
-        if self._monotonic() - keyset.fetched_at > self._policy.max_stale_seconds:
-            return None
-        return keyset.keys.get(kid)
+        keyset = self._usable_keyset()
+        return None if keyset is None else keyset.keys.get(kid)
 
     # -- state -----------------------------------------------------------------
 
@@ -228,12 +224,8 @@ class JwksCache:
         return self._usable_keyset() is not None
 
     def keys_usable(self) -> bool:
-        """``ready`` as a plain method: the verdict cache asks on every hit."""
-        keyset = self._keyset
-        return (
-            keyset is not None
-            and self._monotonic() - keyset.fetched_at <= self._policy.max_stale_seconds
-        )
+        """``ready`` as a plain method, for the verdict cache to ask on every hit."""
+        return self._usable_keyset() is not None
 
     @property
     def kids(self) -> frozenset[str]:

@@ -1,4 +1,4 @@
-"""The aiohttp middleware: request ids, the validator chain, and error rendering."""
+"""The gate in front of every route: request ids, checks, the verdict cache, errors."""
 
 from __future__ import annotations
 
@@ -219,9 +219,7 @@ class AuthGate:
         async def guard_routes(app: web.Application) -> None:
             self._guard_router(app.router)
             # Indexed under "/", so aiohttp tries it after every real route.
-            catch_all = app.router.add_route("*", "/{path:.*}", _unknown_route)
-            route_handler = self.wrap(hidden(_unknown_route))
-            catch_all._handler = route_handler  # type: ignore[assignment]
+            app.router.add_route("*", "/{path:.*}", self.wrap(hidden(_unknown_route)))
             # Later routes (another start-up hook's) would go unguarded: refuse
             # them. aiohttp freezes the router right after start-up anyway.
             app.router.freeze()
