@@ -50,7 +50,7 @@ class ValidatorChain:
             _check_validator(validator)
         self._steps: tuple[Step, ...] = tuple(v.validate for v in self.validators)
         self._per_request: tuple[Step, ...] = tuple(
-            v.validate for v in self.validators if not _cacheable(v)
+            v.validate for v in self.per_request
         )
 
     @property
