@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, NamedTuple
 
 from .base import AuthContext, SigningKeyProvider, VerificationKey, VerifiedToken
 from .errors import TokenInvalid, TokenSignatureInvalid, TokenSignatureKeyNotFound
@@ -57,46 +57,38 @@ class SignatureValidator:
         kid = _check_header(header)
         signature = decode_segment(raw[last + 1 :])
         payload_raw = decode_segment(raw[first + 1 : last])
-        signing_input = raw[:last]
+        parsed = _Parsed(kid, header, raw[:last], signature, payload_raw)
 
         key = self._keys.current_key(kid)
         if key is None:
-            return self._with_fetched_key(
-                context, kid, header, signing_input, signature, payload_raw
-            )
-        _verify(context, key, kid, header, signing_input, signature, payload_raw)
+            return self._with_fetched_key(context, parsed)
+        _verify(context, key, parsed)
         return None
 
-    async def _with_fetched_key(
-        self,
-        context: AuthContext,
-        kid: str,
-        header: dict[str, Any],
-        signing_input: bytes,
-        signature: bytes,
-        payload_raw: bytes,
-    ) -> None:
-        key = await self._keys.key_for(kid)
+    async def _with_fetched_key(self, context: AuthContext, parsed: _Parsed) -> None:
+        key = await self._keys.key_for(parsed.kid)
         if key is None:
             raise TokenSignatureKeyNotFound()
-        _verify(context, key, kid, header, signing_input, signature, payload_raw)
+        _verify(context, key, parsed)
 
 
-def _verify(
-    context: AuthContext,
-    key: VerificationKey,
-    kid: str,
-    header: dict[str, Any],
-    signing_input: bytes,
-    signature: bytes,
-    payload_raw: bytes,
-) -> None:
-    if not key.verify(signing_input, signature):
+class _Parsed(NamedTuple):
+    """A token taken apart, its signature not yet checked."""
+
+    kid: str
+    header: dict[str, Any]
+    signing_input: bytes
+    signature: bytes
+    payload_raw: bytes
+
+
+def _verify(context: AuthContext, key: VerificationKey, parsed: _Parsed) -> None:
+    if not key.verify(parsed.signing_input, parsed.signature):
         raise TokenSignatureInvalid()
     # Claims are parsed only once the signature holds: unverified bytes never
     # reach the JSON reader beyond the header.
-    claims = parse_json_object(payload_raw, "payload")
-    context.verified = VerifiedToken(kid=kid, header=header, claims=claims)
+    claims = parse_json_object(parsed.payload_raw, "payload")
+    context.verified = VerifiedToken(parsed.kid, parsed.header, claims)
 
 
 def _check_header(header: dict[str, object]) -> str:
