@@ -1123,8 +1123,11 @@ async def read_until_curl(stream: asyncio.StreamReader) -> list[str]:
 async def test_run_idp_prints_a_working_curl_command_and_exits_cleanly() -> None:
     script = textwrap.dedent(
         """
-        import asyncio, contextlib
+        import asyncio, contextlib, signal
         from service.idp import run_idp
+        # As in a terminal: a test run started in the background (`cmd &` in a
+        # script) has SIGINT ignored, and children inherit that.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(run_idp("127.0.0.1", 0, None, None))
         """
