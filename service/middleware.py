@@ -378,9 +378,9 @@ class AuthGate:
     def _finish(
         self, response: web.StreamResponse, request_id: str
     ) -> web.StreamResponse:
-        if not response.prepared:
-            # A streamed response was sent by its handler: too late for headers.
-            response.headers["x-request-id"] = request_id
+        # As on protected routes (inline there): harmless on a streamed response,
+        # which its handler already sent.
+        response.headers["x-request-id"] = request_id
         # One dict increment; labels are built only when Prometheus scrapes.
         self._responses[response.status] += 1
         return response

@@ -72,9 +72,7 @@ class Target:
 def _shared_settings(idp: LocalIdentityProvider, keys_file: Path) -> Settings:
     # The failed-authentication throttle would turn this file's many anonymous
     # rejections from one address into 429s; it has tests of its own.
-    return settings_for(
-        idp, keys_file, auth_failure_limit=None, token_failure_limit=None
-    )
+    return settings_for(idp, keys_file, auth_failure_limit=None)
 
 
 @pytest.fixture(scope="module")

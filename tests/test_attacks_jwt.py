@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -38,7 +37,6 @@ from service.idp import FOREIGN_TENANT_ID, LocalIdentityProvider
 from service.keystore import KeyStoreFile
 from service.policy import requires
 from service.server import runner_options
-from service.settings import Settings
 from tests.conftest import (
     AppClient,
     Credentials,
@@ -212,9 +210,6 @@ async def make_client(
     async def make(**changes: Any) -> AppClient:
         app_kwargs = changes.pop("app_kwargs", {})
         routes = changes.pop("routes", ())
-        # Every attack here is a bad token with a valid key: the per-subscription
-        # throttle would answer 429 after a few (tests/test_rate_limit.py).
-        changes.setdefault("token_failure_limit", None)
         settings = settings_for(idp, key_store.store.path, **changes)
         app = create_app(settings, **app_kwargs)
         for path, handler in routes:
@@ -259,19 +254,13 @@ class SharedService:
     key: str
 
 
-def _shared_settings(idp: LocalIdentityProvider, keys_file: Path) -> Settings:
-    # Every case sends a bad token with the valid key: the per-subscription
-    # throttle would answer 429 after a few of them (tests/test_rate_limit.py).
-    return settings_for(idp, keys_file, token_failure_limit=None)
-
-
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedService]:
     """One service for the cases that change nothing in it: a fresh app and IdP
     per case would spend most of this file's time generating RSA keys."""
     store = KeyStoreFile(tmp_path_factory.mktemp("attacks") / "keys.json")
     issued = store.add("contoso", "starter")
-    service = LiveService(store.path, _shared_settings).start()
+    service = LiveService(store.path, settings_for).start()
     try:
         yield SharedService(service, issued.primary)
     finally:

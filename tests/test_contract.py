@@ -44,13 +44,7 @@ class Contract:
 def _settings(idp: LocalIdentityProvider, keys_file: Path) -> Settings:
     # The checks send requests without credentials on purpose (ignored_auth);
     # the failed-authentication throttle would answer those with 429 later on.
-    return settings_for(
-        idp,
-        keys_file,
-        auth_failure_limit=None,
-        token_failure_limit=None,
-        metrics_public=False,
-    )
+    return settings_for(idp, keys_file, auth_failure_limit=None, metrics_public=False)
 
 
 @pytest.fixture(scope="module")

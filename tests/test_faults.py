@@ -403,9 +403,7 @@ async def test_unknown_kid_flood_beside_valid_traffic_costs_one_fetch_per_cooldo
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # J-12: 2.5 s of forged kids at full speed, with valid requests alongside.
-    # They come with the valid key: without the per-subscription throttle
-    # (tests/test_rate_limit.py), so that every one reaches the key cache.
-    client = await make_client(jwks_kid_cooldown_seconds=1, token_failure_limit=None)
+    client = await make_client(jwks_kid_cooldown_seconds=1)
     valid = idp.mint_token()
     assert (await _get(client, valid, key_store.primary)).status == 200
     before = idp.hits["jwks"]

@@ -108,9 +108,7 @@ class Service:
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     store = KeyStoreFile(tmp_path_factory.mktemp("pins") / "keys.json")
     issued = store.add("contoso", "starter")
-    live = LiveService(
-        store.path, lambda idp, path: settings_for(idp, path, token_failure_limit=None)
-    ).start()
+    live = LiveService(store.path, settings_for).start()
     try:
         yield Service(live, issued.primary)
     finally:

@@ -79,9 +79,7 @@ class Target:
 def _settings(idp: LocalIdentityProvider, keys_file: Path) -> Settings:
     # Thousands of anonymous refusals from one address would trip the
     # failed-authentication throttle and turn every answer into a 429.
-    return settings_for(
-        idp, keys_file, auth_failure_limit=None, token_failure_limit=None
-    )
+    return settings_for(idp, keys_file, auth_failure_limit=None)
 
 
 @pytest.fixture(scope="module")
