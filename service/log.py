@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import datetime as dt
 import logging
@@ -126,10 +127,59 @@ class _ServiceHandler(logging.StreamHandler[TextIO]):
     aiohttp decodes header bytes with ``surrogateescape``, so a ``\\udcff`` can
     reach a log line; written to a strict UTF-8 stream it would make ``emit``
     fail and the record vanish.
+
+    Lines below WARNING written on an event loop are flushed once per loop
+    iteration rather than one by one: under load, a write system call per
+    access line cost more than the line itself (docs/performance.md). They
+    reach the stream before the loop does anything else; warnings, errors and
+    lines from other threads are flushed at once.
     """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write(self.format(record) + self.terminator)
+            self._flush_after(record)
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def _flush_after(self, record: logging.LogRecord) -> None:
+        # Called with the handler's lock held (Handler.handle takes it).
+        if record.levelno < logging.WARNING:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None and self._flush_loop is loop:
+                return
+            if loop is not None and self._flush_loop is None:
+                self._flush_loop = loop
+                loop.call_soon(self._scheduled_flush)
+                return
+        # A warning, no loop here, or a flush due on another loop (which may
+        # be closed and never run it): flush now.
+        self._flush_loop = None
+        self.flush()
+
+    def _scheduled_flush(self) -> None:
+        self.acquire()
+        try:
+            self._flush_loop = None
+            self.flush()
+        finally:
+            self.release()
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
+        if text.isascii():
+            # ASCII encodes in any encoding a log stream would use: the round
+            # trip below would give it back unchanged.
+            return text
         encoding = _codec_name(getattr(self.stream, "encoding", None))
         return text.encode(encoding, "backslashreplace").decode(encoding)
 
@@ -144,8 +194,19 @@ def _codec_name(encoding: object) -> str:
 
 
 def _timestamp(record: logging.LogRecord) -> str:
-    moment = dt.datetime.fromtimestamp(record.created, tz=dt.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """``2026-12-03T16:46:16.123Z``: UTC, with the record's own milliseconds."""
+    second = int(record.created)
+    cached = _LAST_SECOND[0]
+    if cached[0] != second:
+        moment = dt.datetime.fromtimestamp(second, tz=dt.UTC)
+        # Swapped whole: handlers on other threads read it without a lock.
+        cached = (second, moment.strftime("%Y-%m-%dT%H:%M:%S"))
+        _LAST_SECOND[0] = cached
+    return f"{cached[1]}.{int(record.msecs):03d}Z"
+
+
+# The last second formatted: each line would otherwise build a datetime.
+_LAST_SECOND: list[tuple[int, str]] = [(-1, "")]
 
 
 def _exception_text(formatter: logging.Formatter, record: logging.LogRecord) -> str:
@@ -217,6 +278,9 @@ def _dump_json(value: object) -> str:
         # Lone surrogates, integers past 64 bits, keys orjson refuses: retry on
         # a copy made only of types it takes.
         raw = orjson.dumps(_json_safe(value), option=_JSON_OPTIONS)
+    if raw.isascii():
+        # The characters translated below are all outside ASCII.
+        return raw.decode("ascii")
     return raw.decode("utf-8").translate(_JSON_LINE_BREAKS)
 
 

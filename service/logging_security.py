@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
+import sys
 import threading
 import traceback
 import urllib.parse
@@ -90,6 +92,11 @@ def is_credential_name(name: str) -> bool:
     """Whether a field, header or key called ``name`` holds a credential."""
     key = name.lower().replace("_", "-")
     return key in _CREDENTIAL_NAMES or _CREDENTIAL_NAME_PART.search(key) is not None
+
+
+# Field names of log records come from the code (``extra=`` keys), a small set:
+# remembered, since every access line asks again for each of its fields.
+_is_field_credential = functools.lru_cache(maxsize=512)(is_credential_name)
 
 
 def extra_fields(record: logging.LogRecord) -> dict[str, object]:
@@ -367,6 +374,18 @@ _RULES = (
 )
 
 
+# Every rule's triggers at once, for the common case: a short value (an access
+# line's method, path, address, ids) that holds none of them, which no rule can
+# change. Texts as long as the opaque-run rule's minimum always take every rule.
+_ANY_TRIGGER = re.compile(
+    "|".join(rule.triggers.pattern for rule in _RULES if rule.triggers.pattern)
+)
+_ALWAYS_SCANNED = min(
+    (rule.min_length for rule in _RULES if not rule.triggers.pattern),
+    default=sys.maxsize,
+)
+
+
 def _as_text(value: bytes | bytearray | memoryview) -> str:
     return bytes(value).decode("utf-8", "backslashreplace")
 
@@ -411,6 +430,9 @@ class Scrubber:
             # otherwise leave the rest of it behind.
             text = text.replace(secret, SECRET_MARKER)
         folded = text.lower()
+        if len(text) < _ALWAYS_SCANNED and _ANY_TRIGGER.search(folded) is None:
+            # No rule would apply: each skips a text without its triggers.
+            return text
         for rule in _RULES:
             text = rule.apply(text, folded)
         return text
@@ -428,13 +450,25 @@ class Scrubber:
         """Like ``scrub_value``, for a value stored under the key ``name``."""
         return self._scrub_item(name, value, 0)
 
+    def scrub_record_field(self, name: str, value: object) -> object:
+        """``scrub_field`` for a record attribute set through ``extra=``."""
+        if _is_field_credential(name):
+            return _redact_field(name, value)
+        return self._scrub_any(value, 0)
+
     def _scrub_item(self, name: object, value: object, depth: int) -> object:
         if isinstance(name, str) and is_credential_name(name):
             return _redact_field(name, value)
         return self._scrub_any(value, depth)
 
     def _scrub_any(self, value: object, depth: int) -> object:
-        if value is None or isinstance(value, bool | int | float):
+        # Exact types first: most values are plain strings and numbers.
+        kind = type(value)
+        if kind is str:
+            return self.scrub(value)  # type: ignore[arg-type]
+        if value is None or kind is int or kind is float or kind is bool:
+            return value
+        if isinstance(value, bool | int | float):
             return value
         if isinstance(value, str):
             return self.scrub(value)
@@ -531,8 +565,9 @@ class ScrubbingFilter(logging.Filter):
         message = scrub(record.getMessage())
         exc_text = self._exception_text(record)
         stack = scrub(record.stack_info) if record.stack_info else None
+        scrub_field = self.scrubber.scrub_record_field
         extras = {
-            name: self.scrubber.scrub_field(name, value)
+            name: scrub_field(name, value)
             for name, value in extra_fields(record).items()
         }
 

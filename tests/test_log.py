@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import io
 import json
 import logging
@@ -128,6 +129,89 @@ def test_json_line_has_time_level_logger_message_and_extras(token: str) -> None:
         "reason": "TokenExpired",
         "token_fp": fingerprint(token),
     }
+
+
+def test_json_timestamp_is_the_records_utc_time_to_the_millisecond() -> None:
+    stream = io.StringIO()
+    configure_logging("INFO", "json", stream)
+    handler = logging.getLogger().handlers[-1]
+    lines = []
+    # Two records in one second and one in the next: the formatted second is
+    # remembered between lines, and must follow the clock.
+    start = datetime.datetime(2026, 12, 3, 14, 40, tzinfo=datetime.UTC).timestamp()
+    for created in (start + 0.25, start + 0.999, start + 61.5):
+        record = app_logger.makeRecord(
+            app_logger.name, logging.INFO, "", 0, "m", None, None
+        )
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        lines.append(json.loads(handler.format(record))["ts"])
+    assert lines == [
+        "2026-12-03T14:40:00.250Z",
+        "2026-12-03T14:40:00.999Z",
+        "2026-12-03T14:41:01.500Z",
+    ]
+
+
+class _CountingStream(io.StringIO):
+    """A stream that counts flushes and remembers what each one pushed out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[str] = []
+
+    def flush(self) -> None:
+        self.flushed.append(self.getvalue())
+
+
+async def test_lines_on_a_loop_are_flushed_once_per_iteration() -> None:
+    stream = _CountingStream()
+    configure_logging("INFO", "json", stream)
+    for number in range(3):
+        app_logger.info("line %d", number)
+    # Written, not yet flushed: one flush comes once this iteration ends.
+    assert len(_lines(stream)) == 3
+    assert stream.flushed == []
+    await asyncio.sleep(0)
+    assert len(stream.flushed) == 1
+    assert stream.flushed[0].count("\n") == 3
+
+
+async def test_warnings_are_flushed_at_once_even_on_a_loop() -> None:
+    stream = _CountingStream()
+    configure_logging("INFO", "json", stream)
+    app_logger.info("first")
+    app_logger.warning("second")
+    assert len(stream.flushed) == 1
+    assert stream.flushed[0].count("\n") == 2
+    await asyncio.sleep(0)
+    # The flush the info line had asked for finds nothing new to push out.
+    assert all(flushed.count("\n") == 2 for flushed in stream.flushed)
+
+
+def test_lines_off_a_loop_are_flushed_at_once() -> None:
+    stream = _CountingStream()
+    configure_logging("INFO", "json", stream)
+    app_logger.info("first")
+    app_logger.info("second")
+    assert [flushed.count("\n") for flushed in stream.flushed] == [1, 2]
+
+
+def test_a_flush_left_due_on_a_closed_loop_does_not_hold_later_lines() -> None:
+    stream = _CountingStream()
+    configure_logging("INFO", "json", stream)
+
+    async def log_and_leave() -> None:
+        app_logger.info("on a loop that closes before its next iteration")
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(log_and_leave())
+    finally:
+        loop.close()
+    flushes = len(stream.flushed)
+    app_logger.info("off the loop")
+    assert len(stream.flushed) == flushes + 1
+    assert stream.flushed[-1].count("\n") == 2
 
 
 def test_json_line_carries_the_scrubbed_traceback(token: str) -> None:
