@@ -35,6 +35,7 @@ from redis.exceptions import (
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .log import cache_logger
+from .logging_security import register_secret
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -530,8 +531,13 @@ def _describe_failure(err: BaseException) -> str:
 
 def build_shared_store(settings: Settings) -> SharedStore:
     """The store ``CACHE_URL`` names, with the timeouts of the settings."""
+    url = CacheUrl.parse(settings.cache_url)
+    if url.password is not None:
+        # Scrubbed by exact value from now on, wherever a library might write
+        # it, not only where it shows as a URL's user-info.
+        register_secret(url.password)
     return SharedStore(
-        CacheUrl.parse(settings.cache_url),
+        url,
         SharedStorePolicy.from_settings(settings),
         prefix=settings.cache_key_prefix,
     )

@@ -141,7 +141,7 @@ def test_json_timestamp_is_the_records_utc_time_to_the_millisecond() -> None:
     start = datetime.datetime(2026, 12, 3, 14, 40, tzinfo=datetime.UTC).timestamp()
     for created in (start + 0.25, start + 0.999, start + 61.5):
         record = app_logger.makeRecord(
-            app_logger.name, logging.INFO, "", 0, "m", None, None
+            app_logger.name, logging.INFO, "", 0, "m", (), None
         )
         record.created, record.msecs = created, (created - int(created)) * 1000
         lines.append(json.loads(handler.format(record))["ts"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import secrets
 import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,8 +19,14 @@ import pytest_asyncio
 from service.appkeys import JWKS
 from service.idp import LocalIdentityProvider
 from service.keystore import KeyStoreFile, SubscriptionState, load_store
+from service.logging_security import SECRET_MARKER, ScrubbingFilter, forget_secret
 from service.settings import Settings, SettingsError
-from service.shared_store import CacheUrl, CacheUrlError, CircuitBreaker
+from service.shared_store import (
+    CacheUrl,
+    CacheUrlError,
+    CircuitBreaker,
+    build_shared_store,
+)
 from tests.conftest import AppClient, Credentials, MakeClient, auth_headers
 from tests.redis_proxy import (
     Fleet,
@@ -98,6 +105,36 @@ def test_cache_url_password_stays_out_of_settings_output(tmp_path: Path) -> None
     assert settings.redacted()["CACHE_URL"] == "rediss://svc:***@cache.example:6380/1"
     assert "hunter2" not in CacheUrl.parse(settings.cache_url).redacted()
     assert "hunter2" not in repr(CacheUrl.parse(settings.cache_url))
+
+
+def test_cache_url_password_is_scrubbed_from_logs_by_its_exact_value(
+    tmp_path: Path,
+) -> None:
+    password = f"pw-{secrets.token_hex(8)}"
+    settings = Settings.from_env(
+        {
+            "ENTRA_TENANT_ID": "00000000-0000-4000-8000-000000000001",
+            "ENTRA_AUDIENCES": "api://test",
+            "APIM_SUBSCRIPTION_KEYS_FILE": str(tmp_path / "keys.json"),
+            "CACHE_URL": f"redis://:{password}@127.0.0.1:6379/0",
+        }
+    )
+    scrubber = ScrubbingFilter()
+    record = logging.LogRecord("x", logging.ERROR, "", 0, "auth %s", (password,), None)
+    scrubber.filter(record)
+    # Alone in a message it matches no pattern: only its exact value gives it away.
+    assert password in record.getMessage()
+
+    build_shared_store(settings)
+    try:
+        record = logging.LogRecord(
+            "x", logging.ERROR, "", 0, "auth %s", (password,), None
+        )
+        scrubber.filter(record)
+        assert password not in record.getMessage()
+        assert SECRET_MARKER in record.getMessage()
+    finally:
+        forget_secret(password)
 
 
 def test_malformed_cache_url_setting_names_the_variable_not_the_password() -> None:
