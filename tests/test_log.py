@@ -153,42 +153,47 @@ def test_json_timestamp_is_the_records_utc_time_to_the_millisecond() -> None:
 
 
 class _CountingStream(io.StringIO):
-    """A stream that counts flushes and remembers what each one pushed out."""
+    """A stream that remembers each write and what each flush pushed out."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.writes: list[str] = []
         self.flushed: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
 
     def flush(self) -> None:
         self.flushed.append(self.getvalue())
 
 
-async def test_lines_on_a_loop_are_flushed_once_per_iteration() -> None:
+async def test_lines_on_a_loop_are_written_together_once_per_iteration() -> None:
     stream = _CountingStream()
     configure_logging("INFO", "json", stream)
     for number in range(3):
         app_logger.info("line %d", number)
-    # Written, not yet flushed: one flush comes once this iteration ends.
-    assert len(_lines(stream)) == 3
-    assert stream.flushed == []
+    # Held: they are written, in one write, once this iteration ends.
+    assert stream.writes == []
     await asyncio.sleep(0)
-    assert len(stream.flushed) == 1
-    assert stream.flushed[0].count("\n") == 3
+    assert len(stream.writes) == 1
+    assert [line["msg"] for line in _lines(stream)] == ["line 0", "line 1", "line 2"]
+    assert stream.flushed == [stream.getvalue()]
 
 
-async def test_warnings_are_flushed_at_once_even_on_a_loop() -> None:
+async def test_a_warning_is_written_at_once_after_the_held_lines() -> None:
     stream = _CountingStream()
     configure_logging("INFO", "json", stream)
     app_logger.info("first")
     app_logger.warning("second")
-    assert len(stream.flushed) == 1
-    assert stream.flushed[0].count("\n") == 2
+    assert [line["msg"] for line in _lines(stream)] == ["first", "second"]
+    assert stream.flushed == [stream.getvalue()]
     await asyncio.sleep(0)
-    # The flush the info line had asked for finds nothing new to push out.
-    assert all(flushed.count("\n") == 2 for flushed in stream.flushed)
+    # The write the info line had asked for finds nothing left to write.
+    assert len(_lines(stream)) == 2
 
 
-def test_lines_off_a_loop_are_flushed_at_once() -> None:
+def test_lines_off_a_loop_are_written_at_once() -> None:
     stream = _CountingStream()
     configure_logging("INFO", "json", stream)
     app_logger.info("first")
@@ -196,22 +201,64 @@ def test_lines_off_a_loop_are_flushed_at_once() -> None:
     assert [flushed.count("\n") for flushed in stream.flushed] == [1, 2]
 
 
-def test_a_flush_left_due_on_a_closed_loop_does_not_hold_later_lines() -> None:
+async def test_held_lines_are_written_in_whole_lines_of_at_most_4096_bytes() -> None:
     stream = _CountingStream()
     configure_logging("INFO", "json", stream)
+    for number in range(40):
+        app_logger.info("line %d %s", number, "x" * 300)
+    app_logger.info("long %s", "y" * 5000)
+    app_logger.info("after")
+    await asyncio.sleep(0)
+    # Several workers may share one pipe: a write of at most PIPE_BUF bytes
+    # cannot be interleaved with theirs, and no write splits a line.
+    assert len(stream.writes) > 1
+    for text in stream.writes:
+        assert text.endswith("\n")
+        assert len(text.encode()) <= 4096 or text.count("\n") == 1
+    assert stream.flushed[-1] == stream.getvalue()
+    messages = [line["msg"] for line in _lines(stream)]
+    assert messages[:2] == ["line 0 " + "x" * 300, "line 1 " + "x" * 300]
+    assert messages[-2:] == ["long " + "y" * 5000, "after"]
+    assert len(messages) == 42
 
-    async def log_and_leave() -> None:
-        app_logger.info("on a loop that closes before its next iteration")
 
+def _log_on_a_loop_that_stops_at_once(message: str) -> None:
+    """Log on a running loop that stops before its next iteration and closes:
+    the write it scheduled never runs."""
     loop = asyncio.new_event_loop()
+
+    def log_and_stop() -> None:
+        app_logger.info(message)
+        loop.stop()
+
     try:
-        loop.run_until_complete(log_and_leave())
+        loop.call_soon(log_and_stop)
+        loop.run_forever()
     finally:
         loop.close()
-    flushes = len(stream.flushed)
+
+
+def test_held_lines_on_a_loop_that_closes_are_written_by_the_next_line() -> None:
+    stream = _CountingStream()
+    configure_logging("INFO", "json", stream)
+    _log_on_a_loop_that_stops_at_once("on a loop that closed")
+    assert stream.getvalue() == ""
     app_logger.info("off the loop")
-    assert len(stream.flushed) == flushes + 1
-    assert stream.flushed[-1].count("\n") == 2
+    assert [line["msg"] for line in _lines(stream)] == [
+        "on a loop that closed",
+        "off the loop",
+    ]
+
+
+def test_held_lines_are_written_when_logging_shuts_down() -> None:
+    stream = _CountingStream()
+    configure_logging("INFO", "json", stream)
+    handler = logging.getLogger().handlers[-1]
+    _log_on_a_loop_that_stops_at_once("held")
+    assert stream.getvalue() == ""
+    # What logging.shutdown() does for every handler at exit.
+    handler.flush()
+    assert [line["msg"] for line in _lines(stream)] == ["held"]
 
 
 def test_json_line_carries_the_scrubbed_traceback(token: str) -> None:
