@@ -8,11 +8,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import aiohttp
+import orjson
 import pytest_asyncio
 
 from service.idp import LocalIdentityProvider, OutageMode
@@ -181,8 +185,11 @@ async def start_workers(
     idp: LocalIdentityProvider, key_store: Credentials, tmp_path: Path
 ) -> AsyncIterator[Callable[[int], Awaitable[Supervisor]]]:
     started: list[Supervisor] = []
+    copiers: list[threading.Thread] = []
 
-    async def start(workers: int) -> Supervisor:
+    async def start(workers: int, *, stdout_pipe: bool = False) -> Supervisor:
+        """``stdout_pipe``: the workers share one pipe for standard output, as
+        in a container; a thread copies it to the file."""
         port = _free_port()
         env = {
             "PATH": os.environ.get("PATH", ""),
@@ -206,10 +213,16 @@ async def start_workers(
         with stdout.open("wb") as out, stderr.open("wb") as err:
             process = subprocess.Popen(  # noqa: S603
                 [sys.executable, "-m", "service", "serve", "--workers", str(workers)],
-                stdout=out,
+                stdout=subprocess.PIPE if stdout_pipe else out,
                 stderr=err,
                 env=env,
             )
+        if process.stdout is not None:
+            copier = threading.Thread(
+                target=_copy_pipe, args=(process.stdout, stdout), daemon=True
+            )
+            copier.start()
+            copiers.append(copier)
         supervisor = Supervisor(process, port, stdout, stderr)
         started.append(supervisor)
         await _eventually(
@@ -234,6 +247,16 @@ async def start_workers(
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def _copy_pipe(pipe: IO[bytes], path: Path) -> None:
+    # A slow reader, as a log collector under load: the pipe fills up, and a
+    # write longer than PIPE_BUF then goes in pieces other writers can split.
+    with pipe, path.open("ab") as out:
+        for chunk in iter(lambda: os.read(pipe.fileno(), 4096), b""):
+            out.write(chunk)
+            out.flush()
+            time.sleep(0.02)
 
 
 async def _request_on_own_connection(port: int) -> tuple[int, int]:
@@ -351,3 +374,36 @@ async def test_worker_that_dies_is_replaced_and_the_port_keeps_answering(
     assert len(workers) == 2
     assert await _answers(supervisor.url + "/livez")
     assert '"server.worker_exited"' in supervisor.output()
+
+
+async def test_workers_sharing_one_pipe_write_every_access_line_whole(
+    start_workers: Callable[..., Awaitable[Supervisor]],
+) -> None:
+    supervisor = await start_workers(2, stdout_pipe=True)
+    per_connection, connections = 40, 96
+
+    async def client() -> None:
+        # One connection each: the kernel spreads them over both workers.
+        connector = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for _ in range(per_connection):
+                async with session.get(supervisor.url + "/livez") as response:
+                    assert response.status == 200
+
+    await asyncio.gather(*(client() for _ in range(connections)))
+    supervisor.process.send_signal(signal.SIGTERM)
+    assert await _wait_for_exit(supervisor.process) == 0
+    await _eventually(
+        lambda: supervisor.stdout.read_bytes().count(b'"server.stopping"') == 2,
+        "both workers' last lines reach the file",
+    )
+
+    lines = supervisor.stdout.read_bytes().splitlines()
+    # Every line is one whole JSON record (or a worker's start-up announcement):
+    # none was split by another worker's.
+    announced = [line for line in lines if line.startswith(b"rag-api-core listening")]
+    assert len(announced) == 2
+    records = [orjson.loads(line) for line in lines if line not in announced]
+    access = [r for r in records if r["msg"] == "http.access" and r["path"] == "/livez"]
+    # The readiness probes of start-up are the only other /livez requests.
+    assert len(access) >= per_connection * connections
