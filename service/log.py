@@ -81,6 +81,8 @@ def configure_logging(
     logging.raiseExceptions = False
     logging.captureWarnings(True)
     for handler in [h for h in root.handlers if isinstance(h, _ServiceHandler)]:
+        # Out with any lines it still holds, to the stream they were meant for.
+        handler.flush()
         root.removeHandler(handler)
     handler = _ServiceHandler(sys.stdout if stream is None else stream)
     handler.setFormatter(formatter)

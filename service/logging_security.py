@@ -463,9 +463,9 @@ class Scrubber:
 
     def _scrub_any(self, value: object, depth: int) -> object:
         # Exact types first: most values are plain strings and numbers.
+        if type(value) is str:
+            return self.scrub(value)
         kind = type(value)
-        if kind is str:
-            return self.scrub(value)  # type: ignore[arg-type]
         if value is None or kind is int or kind is float or kind is bool:
             return value
         if isinstance(value, bool | int | float):

@@ -261,6 +261,15 @@ def test_held_lines_are_written_when_logging_shuts_down() -> None:
     assert [line["msg"] for line in _lines(stream)] == ["held"]
 
 
+def test_configuring_again_writes_held_lines_to_the_stream_they_were_for() -> None:
+    first, second = _CountingStream(), _CountingStream()
+    configure_logging("INFO", "json", first)
+    _log_on_a_loop_that_stops_at_once("held")
+    configure_logging("INFO", "json", second)
+    assert [line["msg"] for line in _lines(first)] == ["held"]
+    assert second.getvalue() == ""
+
+
 def test_json_line_carries_the_scrubbed_traceback(token: str) -> None:
     stream = io.StringIO()
     configure_logging("INFO", "json", stream)
