@@ -294,9 +294,7 @@ class AuthGate:
             request[REQUEST_ID] = request_id
             if cache is None or (blocked and throttle.blocking):
                 response = await self._protected(request, handler, policy)
-                response.headers["x-request-id"] = request_id
-                responses[response.status] += 1
-                return response
+                return self._finish(response, request_id)
 
             # credential_digest, inline.
             verdict = None
@@ -378,7 +376,7 @@ class AuthGate:
     def _finish(
         self, response: web.StreamResponse, request_id: str
     ) -> web.StreamResponse:
-        # As on protected routes (inline there): harmless on a streamed response,
+        # Inlined at the end of the cached path: harmless on a streamed response,
         # which its handler already sent.
         response.headers["x-request-id"] = request_id
         # One dict increment; labels are built only when Prometheus scrapes.

@@ -296,6 +296,29 @@ async def test_short_path_answers_carry_the_request_id_and_count(
     assert client.app[REQUEST_COUNTERS].responses[200] == 2
 
 
+async def test_with_the_cache_off_every_request_takes_the_whole_chain(
+    make_client: MakeClient, idp: LocalIdentityProvider, key_store: Credentials
+) -> None:
+    client = await make_client(token_cache_size=0)
+    headers = auth_headers(idp.mint_token(), key_store.primary)
+    first = await client.get("/api/v2/whoami", headers=headers)
+    second = await client.get(
+        "/api/v2/whoami", headers={**headers, "x-request-id": "abc-123"}
+    )
+    assert first.status == second.status == 200
+    assert re.fullmatch(r"[0-9a-f]{32}", first.headers["x-request-id"])
+    assert second.headers["x-request-id"] == "abc-123"
+    cache = client.app[TOKEN_CACHE]
+    assert len(cache) == 0
+    assert cache.stats.hits == cache.stats.stores == 0
+    assert client.app[REQUEST_COUNTERS].responses[200] == 2
+    wrong = auth_headers(idp.mint_token(), key_store.primary[:-1] + "x")
+    refused = await client.get("/api/v2/whoami", headers=wrong)
+    assert refused.status == 401
+    assert "x-request-id" in refused.headers
+    assert client.app[REQUEST_COUNTERS].responses[401] == 1
+
+
 async def test_one_connection_changing_credentials_is_judged_on_each_pair(
     client: AppClient, idp: LocalIdentityProvider, key_store: Credentials
 ) -> None:
